@@ -1,0 +1,280 @@
+"""Configuration loading, precedence and error messages; backoff arithmetic."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import unittest
+
+from relay.config import EX_CONFIG, FIELDS, ConfigError, describe, example_text, load_settings
+from relay.upstream import Backoff
+from tests.support import ROOT
+
+
+def write_config(directory: str, text: str, name: str = "relay.conf") -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
+class SettingsTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def test_defaults_without_file(self) -> None:
+        """With no file and no environment, every field has its default."""
+        settings = load_settings(None, environ={})
+        for field in FIELDS:
+            self.assertEqual(getattr(settings, field.attr), field.default, field.attr)
+
+    def test_documented_defaults(self) -> None:
+        """The defaults users rely on are the documented ones."""
+        settings = load_settings(None, environ={})
+        self.assertEqual(settings.server_host, "127.0.0.1")
+        self.assertEqual(settings.server_port, 3001)
+        self.assertEqual(settings.upstream_url, "wss://ws.backpack.tf/events")
+        self.assertEqual(settings.upstream_backoff_initial, 1.0)
+        self.assertEqual(settings.upstream_backoff_multiplier, 2.0)
+        self.assertEqual(settings.upstream_backoff_max, 60.0)
+        self.assertEqual(settings.upstream_backoff_reset_after, 30.0)
+        self.assertEqual(settings.upstream_stall_timeout, 120.0)
+        self.assertGreaterEqual(settings.upstream_max_frame_bytes, 16 * 1024 * 1024)
+        self.assertEqual(settings.clients_ping_interval, 30.0)
+        self.assertEqual(settings.clients_max_message_bytes, 64 * 1024)
+        self.assertEqual(settings.server_shutdown_timeout, 5.0)
+
+    def test_file_values_parsed(self) -> None:
+        path = write_config(
+            self.tmp.name,
+            "[server]\nport = 4000\n[clients]\nsend_timeout = 2.5\n[logging]\nlevel = warn\n",
+        )
+        settings = load_settings(path, environ={})
+        self.assertEqual(settings.server_port, 4000)
+        self.assertEqual(settings.clients_send_timeout, 2.5)
+        self.assertEqual(settings.logging_level, "WARNING")
+
+    def test_precedence_flag_env_file(self) -> None:
+        """Command-line flag beats environment, which beats the file."""
+        path = write_config(self.tmp.name, "[server]\nport = 4000\n[upstream]\nurl = ws://127.0.0.1:1/a\n")
+        environ = {"PORT": "5000", "BACKPACK_WS_URL": "ws://127.0.0.1:2/b", "LOG_LEVEL": "DEBUG"}
+        settings = load_settings(path, environ=environ, overrides={("server", "port"): "6000"})
+        self.assertEqual(settings.server_port, 6000)
+        self.assertEqual(settings.upstream_url, "ws://127.0.0.1:2/b")
+        self.assertEqual(settings.logging_level, "DEBUG")
+        settings = load_settings(path, environ={})
+        self.assertEqual(settings.server_port, 4000)
+
+    def test_node_relay_warn_level(self) -> None:
+        settings = load_settings(None, environ={"LOG_LEVEL": "WARN"})
+        self.assertEqual(settings.logging_level, "WARNING")
+
+    def test_example_file_is_valid_and_complete(self) -> None:
+        """relay.conf.example loads, and documents every key with its default."""
+        path = str(ROOT / "relay.conf.example")
+        settings = load_settings(path, environ={})
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        for field in FIELDS:
+            self.assertRegex(text, rf"(?m)^#? ?{field.key} =", f"{field.section}.{field.key} missing")
+            self.assertEqual(getattr(settings, field.attr), field.default, field.attr)
+        self.assertEqual(text.strip(), example_text().strip(), "regenerate relay.conf.example")
+
+    def test_describe_lists_every_key(self) -> None:
+        text = describe(load_settings(None, environ={}))
+        for field in FIELDS:
+            self.assertIn(f"{field.key} = ", text)
+
+
+class ConfigErrorTest(unittest.TestCase):
+    """Each bad input raises one line naming file, section, key, value and the fix."""
+
+    CASES = [
+        # (file text, substrings the message must contain)
+        ("[server]\nport = abc\n", ["[server]", "port", "'abc'", "whole number from 0 to 65535"]),
+        ("[server]\nport = 70000\n", ["port", "'70000'", "too large", "0 to 65535"]),
+        ("[server]\nport = -1\n", ["port", "too small"]),
+        ("[server]\nport = 3.5\n", ["port", "'3.5'", "whole number"]),
+        ("[server]\nhost = bad host\n", ["host", "'bad host'", "IP address"]),
+        ("[server]\nbacklog = 0\n", ["backlog", "too small"]),
+        ("[server]\nheader_timeout = soon\n", ["header_timeout", "'soon'", "seconds"]),
+        ("[server]\nshutdown_timeout = nan\n", ["shutdown_timeout", "'nan'"]),
+        ("[upstream]\nurl = http://example.invalid/\n", ["url", "ws:// or wss://"]),
+        ("[upstream]\nurl = ws://\n", ["url", "no host"]),
+        ("[upstream]\nurl = ws://127.0.0.1:99999/x\n", ["url", "invalid port"]),
+        ("[upstream]\nbackoff_multiplier = 0.5\n", ["backoff_multiplier", "too small"]),
+        ("[upstream]\nping_interval = 5\nping_timeout = 5\n", ["ping_timeout", "less than ping_interval"]),
+        ("[upstream]\nbackoff_initial = 10\nbackoff_max = 5\n", ["backoff_initial", "backoff_max"]),
+        ("[upstream]\nmax_frame_bytes = 10\n", ["max_frame_bytes", "too small", "bytes"]),
+        ("[clients]\nqueue_max_bytes = lots\n", ["[clients]", "queue_max_bytes", "'lots'", "bytes"]),
+        ("[clients]\nqueue_max_frames = 0\n", ["queue_max_frames", "too small"]),
+        ("[clients]\nping_interval = 0\n", ["ping_interval", "too small", "seconds"]),
+        ("[clients]\nmax_message_bytes = 1e9\n", ["max_message_bytes", "whole number"]),
+        ("[clients]\nmax_clients = 0\n", ["max_clients", "too small"]),
+        ("[clients]\nmessage_rate = fast\n", ["message_rate", "'fast'"]),
+        ("[logging]\nlevel = LOUD\n", ["level", "'LOUD'", "DEBUG, INFO, WARNING"]),
+        ("[logging]\nformat = xml\n", ["format", "'xml'", "text or json"]),
+        ("[server]\nprot = 3001\n", ["[server]", "unknown key 'prot'", "port"]),
+        ("[serverr]\nport = 3001\n", ["unknown section [serverr]", "[server]"]),
+        ("port = 3001\n", ["invalid INI syntax"]),
+        ("[server]\nport\n", ["invalid INI syntax"]),
+        ("[server]\nport = 1\nport = 2\n", ["invalid INI syntax"]),
+    ]
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def test_bad_values_table(self) -> None:
+        for text, expected in self.CASES:
+            with self.subTest(config=text):
+                path = write_config(self.tmp.name, text)
+                with self.assertRaises(ConfigError) as raised:
+                    load_settings(path, environ={})
+                message = str(raised.exception)
+                self.assertNotIn("\n", message)
+                self.assertIn(path, message)
+                for part in expected:
+                    self.assertIn(part, message)
+
+    def test_bad_environment_value(self) -> None:
+        with self.assertRaises(ConfigError) as raised:
+            load_settings(None, environ={"PORT": "http"})
+        self.assertIn("environment variable PORT", str(raised.exception))
+        self.assertIn("'http'", str(raised.exception))
+
+    def test_bad_flag_value(self) -> None:
+        with self.assertRaises(ConfigError) as raised:
+            load_settings(None, environ={}, overrides={("server", "port"): "x"})
+        self.assertIn("command line --port", str(raised.exception))
+
+    def test_missing_file(self) -> None:
+        path = os.path.join(self.tmp.name, "absent.conf")
+        with self.assertRaises(ConfigError) as raised:
+            load_settings(path, environ={})
+        self.assertIn("not found", str(raised.exception))
+        self.assertIn(path, str(raised.exception))
+
+    @unittest.skipIf(os.geteuid() == 0, "root can read a file without read permission")
+    def test_unreadable_file(self) -> None:
+        path = write_config(self.tmp.name, "[server]\n")
+        os.chmod(path, 0)
+        with self.assertRaises(ConfigError) as raised:
+            load_settings(path, environ={})
+        self.assertIn("not readable", str(raised.exception))
+
+    def test_directory_instead_of_file(self) -> None:
+        with self.assertRaises(ConfigError) as raised:
+            load_settings(self.tmp.name, environ={})
+        self.assertIn("is a directory", str(raised.exception))
+
+    def test_non_utf8_file(self) -> None:
+        path = os.path.join(self.tmp.name, "latin1.conf")
+        with open(path, "wb") as handle:
+            handle.write(b"[server]\n# caf\xe9\n")
+        with self.assertRaises(ConfigError) as raised:
+            load_settings(path, environ={})
+        self.assertIn("UTF-8", str(raised.exception))
+
+
+class CommandLineTest(unittest.TestCase):
+    """The real ``python -m relay`` entry point: exit statuses and output."""
+
+    def run_relay(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k not in ("PORT", "BACKPACK_WS_URL", "LOG_LEVEL")}
+        environ.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "relay", *args],
+            cwd=str(ROOT),
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def test_invalid_file_exits_78(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = write_config(directory, "[clients]\nqueue_max_frames = many\n")
+            result = self.run_relay("-c", path)
+        self.assertEqual(result.returncode, EX_CONFIG)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn("queue_max_frames = 'many'", lines[0])
+        self.assertIn(path, lines[0])
+
+    def test_missing_file_exits_78(self) -> None:
+        result = self.run_relay("-c", "/nonexistent/relay.conf")
+        self.assertEqual(result.returncode, EX_CONFIG)
+        self.assertIn("/nonexistent/relay.conf", result.stderr)
+
+    def test_bad_flag_exits_78(self) -> None:
+        result = self.run_relay("--port", "99999", "--check")
+        self.assertEqual(result.returncode, EX_CONFIG)
+        self.assertIn("--port", result.stderr)
+
+    def test_check_prints_effective_settings(self) -> None:
+        result = self.run_relay("-c", str(ROOT / "relay.conf.example"), "--check", env={"PORT": "4567"})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("port = 4567", result.stdout)
+        self.assertIn("url = wss://ws.backpack.tf/events", result.stdout)
+
+    def test_version(self) -> None:
+        result = self.run_relay("--version")
+        self.assertEqual(result.returncode, 0)
+        self.assertRegex(result.stdout, r"^bptf-relay \d+\.\d+\.\d+")
+
+    def test_port_in_use_is_clear(self) -> None:
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            result = self.run_relay("--port", str(port), "--upstream-url", "ws://127.0.0.1:9/events")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}", result.stderr)
+        self.assertIn("another [server] port", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+class BackoffTest(unittest.TestCase):
+    def test_caps_grow_and_saturate(self) -> None:
+        backoff = Backoff(1.0, 2.0, 60.0, rng=lambda low, high: high)
+        delays = [backoff.next_delay() for _ in range(9)]
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60])
+
+    def test_full_jitter_range(self) -> None:
+        calls: list[tuple[float, float]] = []
+        backoff = Backoff(1.0, 2.0, 60.0, rng=lambda low, high: calls.append((low, high)) or low)
+        for _ in range(3):
+            self.assertEqual(backoff.next_delay(), 0.0)
+        self.assertEqual(calls, [(0.0, 1.0), (0.0, 2.0), (0.0, 4.0)])
+
+    def test_real_jitter_varies_within_cap(self) -> None:
+        backoff = Backoff(1.0, 2.0, 8.0)
+        samples = []
+        for _ in range(200):
+            backoff.failures = 3
+            samples.append(backoff.next_delay())
+        self.assertTrue(all(0.0 <= value <= 8.0 for value in samples))
+        self.assertGreater(len(set(samples)), 150)
+
+    def test_reset(self) -> None:
+        backoff = Backoff(1.0, 2.0, 60.0, rng=lambda low, high: high)
+        for _ in range(5):
+            backoff.next_delay()
+        backoff.reset()
+        self.assertEqual(backoff.next_delay(), 1.0)
+
+    def test_huge_failure_count_does_not_overflow(self) -> None:
+        backoff = Backoff(1.0, 100.0, 60.0, rng=lambda low, high: high)
+        backoff.failures = 10_000
+        self.assertEqual(backoff.next_delay(), 60.0)
+
+
+if __name__ == "__main__":
+    unittest.main()
