@@ -1,0 +1,271 @@
+"""The Werkzeug WSGI app: JSON endpoints and the ``/relay`` websocket upgrade.
+
+A websocket request keeps its Werkzeug request thread for the whole life of the
+connection; that thread becomes the client's writer (``Client.serve``). When the
+websocket ends, the handler shuts the socket down and raises ``ConnectionError``
+so that Werkzeug writes nothing more onto the upgraded socket (a normal return
+would put an HTTP status line after the close frame).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Callable
+
+import simple_websocket
+from werkzeug.serving import WSGIRequestHandler
+from werkzeug.wrappers import Request, Response
+
+from . import __version__
+from .client import Client, ClientSocket, InboundSignal
+from .frames import relay_message
+
+logger = logging.getLogger(__name__)
+
+ENDPOINTS = {
+    "/": "service name, version and endpoints",
+    "/health": "200 when the upstream is connected, 503 otherwise",
+    "/status": "upstream, clients, traffic and process details",
+    "/api/clients": "connected clients with their counters",
+    "/relay": "websocket endpoint that streams the Backpack.tf feed",
+}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    return Response(text + "\n", status=status, mimetype="application/json", headers=headers)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response({"error": message, "status": status}, status, headers)
+
+
+class RelayRequestHandler(WSGIRequestHandler):
+    """Werkzeug's handler with JSON error pages, a header timeout and quiet logs."""
+
+    # Overridden per server by ``make_handler`` with [server] header_timeout.
+    timeout: float | None = 10.0
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        short = BaseHTTPRequestHandler.responses.get(code, ("Error", ""))[0]
+        body = json.dumps({"error": message or short, "status": code}).encode() + b"\n"
+        logger.info(
+            "rejected request from %s: HTTP %d %s", self.client_address[0], code, message or short
+        )
+        self.send_response(code, short)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body)
+        self.close_connection = True
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %r %s %s", self.client_address[0], getattr(self, "requestline", ""), code, size
+            )
+
+    def log_error(self, format: str, *args: Any) -> None:
+        logger.debug("%s: " + format, self.client_address[0], *args)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s: " + format, self.client_address[0], *args)
+
+
+def make_handler(header_timeout: float) -> type[RelayRequestHandler]:
+    return type("ConfiguredRequestHandler", (RelayRequestHandler,), {"timeout": header_timeout})
+
+
+def is_websocket_request(environ: dict[str, Any]) -> bool:
+    upgrade = environ.get("HTTP_UPGRADE", "").lower()
+    connection = [token.strip().lower() for token in environ.get("HTTP_CONNECTION", "").split(",")]
+    return upgrade == "websocket" and "upgrade" in connection
+
+
+class RelayApp:
+    """WSGI callable; ``relay`` is the ``service.Relay`` that owns the state."""
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+        self.settings = relay.settings
+        self.routes: dict[str, Callable[[Request], Response]] = {
+            "/": self.index,
+            "/health": self.health,
+            "/status": self.status,
+            "/api/clients": self.api_clients,
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path == "/relay" and method == "GET" and is_websocket_request(environ):
+            return self.websocket(environ, start_response)
+        response = self.dispatch(Request(environ), path, method)
+        return response(environ, start_response)
+
+    def dispatch(self, request: Request, path: str, method: str) -> Response:
+        if path not in self.routes and path != "/relay":
+            return error_response(404, f"no endpoint at {path}; see GET / for the list")
+        if method not in ("GET", "HEAD"):
+            return error_response(
+                405, f"method {method} is not allowed on {path}; use GET", {"Allow": "GET, HEAD"}
+            )
+        if path == "/relay":
+            return error_response(
+                400,
+                "GET /relay needs a websocket upgrade: connect with a websocket client to "
+                f"ws://{request.host}/relay",
+            )
+        return self.routes[path](request)
+
+    # -- JSON endpoints ----------------------------------------------------------
+
+    def index(self, request: Request) -> Response:
+        return json_response(
+            {
+                "service": "bptf-relay",
+                "version": __version__,
+                "description": "Relay for the Backpack.tf events feed",
+                "endpoints": ENDPOINTS,
+            }
+        )
+
+    def health(self, request: Request) -> Response:
+        relay = self.relay
+        connected = relay.upstream.connected
+        body = {
+            "healthy": connected,
+            "backpackConnected": connected,
+            "connectedClients": relay.registry.count(),
+            "uptime": round(relay.uptime(), 3),
+            "messagesRelayed": relay.upstream.frames_relayed,
+        }
+        return json_response(body, 200 if connected else 503)
+
+    def status(self, request: Request) -> Response:
+        return json_response(self.relay.status())
+
+    def api_clients(self, request: Request) -> Response:
+        rows = [client.describe() for client in self.relay.registry.clients()]
+        rows.sort(key=lambda row: row["id"])
+        return json_response({"count": len(rows), "clients": rows})
+
+    # -- websocket -----------------------------------------------------------------
+
+    def websocket(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        relay = self.relay
+        registry = relay.registry
+        address = environ.get("REMOTE_ADDR", "?")
+        rejection = self._check_handshake(environ)
+        if rejection is None and registry.count() >= self.settings.clients_max_clients:
+            relay.count_rejection("max_clients")
+            logger.warning(
+                "rejected websocket from %s: max_clients (%d) reached",
+                address,
+                self.settings.clients_max_clients,
+            )
+            rejection = error_response(
+                503,
+                f"the relay is serving its maximum of {self.settings.clients_max_clients} "
+                "clients; retry later",
+                {"Retry-After": "5"},
+            )
+        if rejection is None and relay.stopping:
+            rejection = error_response(503, "the relay is shutting down", {"Retry-After": "5"})
+        if rejection is not None:
+            return rejection(environ, start_response)
+
+        raw = environ["werkzeug.socket"]
+        client_id = registry.next_id()
+        threading.current_thread().name = f"client-{client_id}"
+        # The header timeout is over; reads now happen on the reader thread
+        # and writes use MSG_DONTWAIT plus select().
+        raw.settimeout(None)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        client = Client(
+            client_id,
+            address,
+            environ.get("HTTP_USER_AGENT", "")[:200],
+            raw,
+            self.settings,
+            on_closing=registry.count_closing,
+        )
+        upgrade_environ = dict(environ)
+        # Refuse permessage-deflate: compressing per client multiplies the
+        # relay's CPU, and uncompressed frames are valid either way.
+        upgrade_environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+        upgrade_environ["werkzeug.socket"] = ClientSocket(client)
+        try:
+            ws = simple_websocket.Server(
+                upgrade_environ,
+                max_message_size=self.settings.clients_max_message_bytes,
+                thread_class=functools.partial(threading.Thread, daemon=True),
+                event_class=functools.partial(InboundSignal, client),
+            )
+        except Exception as error:  # noqa: BLE001 - wsproto raises several types
+            logger.info("websocket handshake with %s failed: %s", address, error)
+            client.abort()
+            raise ConnectionError("websocket handshake failed") from None
+        client.ws = ws
+        ws.thread.name = f"client-{client_id}-reader"
+
+        def greeting(count: int) -> bytes:
+            return relay_message(
+                "relay_status",
+                clientId=client_id,
+                backpackConnected=relay.upstream.connected,
+                connectedClients=count,
+                uptime=round(relay.uptime(), 3),
+                messagesRelayed=relay.upstream.frames_relayed,
+            )
+
+        count = registry.add(client, greeting)
+        logger.info(
+            "client %d connected from %s (%s); %d connected",
+            client_id,
+            address,
+            client.user_agent or "no user agent",
+            count,
+        )
+        if relay.stopping:
+            client.going_away()
+        try:
+            client.serve()
+        finally:
+            count = registry.remove(client)
+            logger.info(
+                "client %d (%s) disconnected: %s, code %s, %d frames and %d bytes sent; "
+                "%d connected",
+                client_id,
+                address,
+                client.close_cause.value if client.close_cause else "unknown",
+                client.close_code,
+                client.frames_sent,
+                client.bytes_sent,
+                count,
+            )
+        # The socket is already shut down; raising ConnectionError makes
+        # Werkzeug end the connection without writing a response.
+        raise ConnectionError("websocket closed")
+
+    def _check_handshake(self, environ: dict[str, Any]) -> Response | None:
+        version = environ.get("HTTP_SEC_WEBSOCKET_VERSION", "")
+        if not environ.get("HTTP_SEC_WEBSOCKET_KEY"):
+            return error_response(400, "websocket upgrade without Sec-WebSocket-Key")
+        if version.strip() != "13":
+            return error_response(
+                426,
+                f"unsupported Sec-WebSocket-Version {version!r}; this relay speaks version 13",
+                {"Sec-WebSocket-Version": "13"},
+            )
+        return None

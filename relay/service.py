@@ -1,0 +1,260 @@
+"""Process lifecycle: start the threads, serve, and shut down on a signal.
+
+Threads: ``upstream`` (the Backpack.tf connection), ``http`` (Werkzeug's accept
+loop, which starts one thread per request; a websocket request's thread becomes
+that client's writer, plus simple-websocket starts one reader thread per
+client), ``keepalive`` (pings clients) and, under systemd, ``watchdog``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from werkzeug.serving import make_server
+
+from . import __version__
+from .http import RelayApp, make_handler
+from .notify import SystemdNotifier, start_watchdog_loop
+from .registry import Keepalive, Registry
+from .upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+# Stack size for threads started after startup (one writer and one reader
+# per client); the default 8 MiB of address space per thread adds up at
+# 1,000 clients. 512 KiB leaves ample room for this code's call depth.
+THREAD_STACK_BYTES = 512 * 1024
+
+
+class StartupError(Exception):
+    """The relay cannot start (for example, the port is taken)."""
+
+
+class Relay:
+    """The running relay: owns the registry, the upstream and the HTTP server."""
+
+    def __init__(
+        self,
+        settings: Any,
+        environ: dict[str, str] | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = Registry(settings)
+        self.upstream = Upstream(settings, self.registry)
+        self.app = RelayApp(self)
+        self.notifier = SystemdNotifier(os.environ if environ is None else environ)
+        self.stopping = False
+        self.rejections: Counter[str] = Counter()
+        self._started = time.monotonic()
+        # Set by a signal handler (possibly before start) or request_stop.
+        self._stop_event = stop_event if stop_event is not None else threading.Event()
+        self._server: Any = None
+        self._server_thread: threading.Thread | None = None
+        self._keepalive: Keepalive | None = None
+        self.port = settings.server_port
+
+    # -- start -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen, then start the upstream, keepalive and HTTP threads.
+
+        Raises StartupError when the address cannot be bound.
+        """
+        threading.stack_size(THREAD_STACK_BYTES)
+        # websocket-client logs every connection loss at ERROR on its own;
+        # relay.upstream reports each one with the attempt number instead.
+        logging.getLogger("websocket").setLevel(logging.CRITICAL)
+        listener = self._listen()
+        try:
+            self._server = make_server(
+                self.settings.server_host,
+                self.port,
+                self.app,
+                threaded=True,
+                request_handler=make_handler(self.settings.server_header_timeout),
+                fd=listener.fileno(),
+            )
+        finally:
+            listener.close()
+        self.port = self._server.port
+        self._server_thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
+        )
+        self._server_thread.start()
+        logger.info(
+            "bptf-relay %s listening on http://%s:%d (websocket ws://%s:%d/relay)",
+            __version__,
+            self.settings.server_host,
+            self.port,
+            self.settings.server_host,
+            self.port,
+        )
+        self.upstream.observers.append(self._publish_status)
+        self.upstream.start()
+        self._keepalive = Keepalive(self.registry, self.settings.clients_ping_interval, self._stop_event)
+        self._keepalive.start()
+        self.notifier.ready()
+        self._publish_status()
+        start_watchdog_loop(self.notifier, self._stop_event, self.alive, self.status_line)
+
+    def _listen(self) -> socket.socket:
+        host, port = self.settings.server_host, self.settings.server_port
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as error:
+            raise StartupError(
+                f"cannot resolve [server] host = {host!r}: {error}; set an IP address such as 127.0.0.1"
+            ) from None
+        family, kind, proto, _, address = infos[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(self.settings.server_backlog)
+        except OSError as error:
+            listener.close()
+            hint = "stop the other program or set another [server] port (or PORT)"
+            if error.errno == 13:
+                hint = "ports below 1024 need privileges; choose a port above 1024"
+            elif error.errno == 99:
+                hint = "the address is not on this machine; use 127.0.0.1 or 0.0.0.0"
+            raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}; {hint}") from None
+        return listener
+
+    # -- running -------------------------------------------------------------------
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started
+
+    def alive(self) -> bool:
+        """Return True while the upstream and HTTP threads are running."""
+        return (
+            self.upstream.is_alive()
+            and self._server_thread is not None
+            and self._server_thread.is_alive()
+        )
+
+    def count_rejection(self, reason: str) -> None:
+        self.rejections[reason] += 1
+
+    def status_line(self) -> str:
+        """Return a one-line summary for systemd's STATUS=."""
+        upstream = self.upstream
+        return (
+            f"upstream {upstream.state.value}, {self.registry.count()} clients, "
+            f"{upstream.frames_relayed} frames relayed"
+        )
+
+    def _publish_status(self) -> None:
+        self.notifier.status(self.status_line())
+
+    def status(self) -> dict[str, Any]:
+        """Return the body of ``/status``."""
+        registry = self.registry
+        upstream = self.upstream
+        totals = registry.totals()
+        closed = registry.closed_by_cause
+        return {
+            "service": "bptf-relay",
+            "version": __version__,
+            "upstream": upstream.status(),
+            "clients": {
+                "connected": registry.count(),
+                "totalAccepted": registry.accepted_total,
+                "closedSlow": closed.get("slow_consumer", 0),
+                "droppedNoPong": closed.get("ping_timeout", 0),
+                "closedByCause": dict(closed),
+                "rejected": dict(self.rejections),
+            },
+            "traffic": {
+                "framesIn": upstream.frames_in,
+                "bytesIn": upstream.bytes_in,
+                "framesRelayed": upstream.frames_relayed,
+                "framesDelivered": totals["framesDelivered"],
+                "bytesDelivered": totals["bytesDelivered"],
+                "framesDropped": totals["framesDropped"] + sum(upstream.frames_dropped.values()),
+                "upstreamFramesDropped": dict(upstream.frames_dropped),
+                "clientFramesDropped": totals["framesDropped"],
+                "binaryFrames": upstream.frames_binary,
+                "notJsonArrayFrames": upstream.frames_not_json_array,
+            },
+            "process": process_info(self.uptime()),
+        }
+
+    # -- stop ----------------------------------------------------------------------
+
+    def request_stop(self, signum: int | None = None) -> None:
+        """Ask ``run`` to stop; safe to call from a signal handler."""
+        if signum is not None and not self._stop_event.is_set():
+            logger.info("received %s; shutting down", signal.Signals(signum).name)
+        self._stop_event.set()
+
+    def run(self) -> None:
+        """Block until the stop event is set, then shut down within shutdown_timeout."""
+        while not self._stop_event.wait(0.5):
+            pass
+        logger.info("stop requested; shutting down")
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop accepting, close clients with 1001 and the upstream with 1000."""
+        deadline = time.monotonic() + self.settings.server_shutdown_timeout
+        self.stopping = True
+        self._stop_event.set()
+        self.notifier.stopping()
+        self.upstream.stop()
+        if self._server is not None:
+            stopper = threading.Thread(target=self._server.shutdown, name="http-stop", daemon=True)
+            stopper.start()
+            stopper.join(max(0.0, deadline - time.monotonic()))
+        self.registry.close_all()
+        while self.registry.count() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.upstream.join(max(0.0, deadline - time.monotonic()))
+        if self._server is not None:
+            self._server.server_close()
+        remaining = self.registry.count()
+        if remaining or self.upstream.is_alive():
+            logger.warning(
+                "shutdown timeout (%g s) reached with %d clients still closing%s",
+                self.settings.server_shutdown_timeout,
+                remaining,
+                " and the upstream still closing" if self.upstream.is_alive() else "",
+            )
+        logger.info(
+            "stopped after %.1f s: %d frames relayed, %d clients served",
+            self.uptime(),
+            self.upstream.frames_relayed,
+            self.registry.accepted_total,
+        )
+        self.notifier.close()
+
+
+def process_info(uptime: float) -> dict[str, Any]:
+    """Return pid, uptime, thread count, RSS and open descriptors of this process."""
+    info: dict[str, Any] = {
+        "pid": os.getpid(),
+        "uptime": round(uptime, 3),
+        "threads": threading.active_count(),
+        "rssBytes": None,
+        "openFds": None,
+    }
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    info["rssBytes"] = int(line.split()[1]) * 1024
+                elif line.startswith("Threads:"):
+                    info["threads"] = int(line.split()[1])
+        info["openFds"] = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        pass
+    return info
