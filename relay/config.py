@@ -45,6 +45,8 @@ class Field:
     minimum: float | None = None
     maximum: float | None = None
     secret: bool = False
+    # Shown, commented out, in relay.conf.example when the default is empty.
+    example: str = ""
 
     @property
     def attr(self) -> str:
@@ -62,6 +64,11 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "server", "header_timeout", "float", 10.0,
         "time a client has to send its request line and headers", "seconds", 0.1, 3600,
+    ),
+    Field(
+        "server", "max_header_bytes", "int", 16 * KIB,
+        "largest request line plus headers; larger requests get HTTP 431",
+        "bytes", 1024, 1 * MIB,
     ),
     Field(
         "server", "shutdown_timeout", "float", 5.0,
@@ -119,6 +126,12 @@ FIELDS: tuple[Field, ...] = (
         "websocket clients served at once; more get HTTP 503", "clients", 1, 100000,
     ),
     Field(
+        "clients", "max_clients_per_ip", "int", 0,
+        "websocket clients from one IP address at once; more get HTTP 429; "
+        "0 means no per-address cap (all local bots share 127.0.0.1)",
+        "clients", 0, 100000,
+    ),
+    Field(
         "clients", "queue_max_bytes", "int", 16 * MIB,
         "bytes queued for one client before it is closed as a slow consumer",
         "bytes", 64 * KIB, 4096 * MIB,
@@ -158,6 +171,27 @@ FIELDS: tuple[Field, ...] = (
         "clients", "close_timeout", "float", 2.0,
         "time to wait for a client's close frame after sending ours", "seconds",
         0.01, 600,
+    ),
+    # [security]
+    Field(
+        "security", "token", "str", "",
+        "access token clients must send (Authorization: Bearer TOKEN or "
+        "?token=TOKEN); prefer token_file", secret=True,
+    ),
+    Field(
+        "security", "token_file", "path", "",
+        "file whose first line is the access token; read at start and on SIGHUP",
+        example="/etc/bptf-relay/token",
+    ),
+    Field(
+        "security", "allow_unauthenticated", "bool", False,
+        "yes lets the relay listen on a non-loopback address without a token",
+    ),
+    Field(
+        "security", "allowed_origins", "origins", "",
+        "space-separated browser origins allowed to connect (e.g. "
+        "https://example.com), or * for any; requests with another Origin get 403",
+        example="https://dashboard.example.com",
     ),
     # [logging]
     Field("logging", "level", "level", "INFO", "DEBUG, INFO, WARNING (or WARN), ERROR"),
@@ -265,6 +299,26 @@ def _parse_bool(text: str) -> bool:
     raise ValueError("expected yes or no")
 
 
+def _parse_origins(text: str) -> str:
+    origins = text.split()
+    for origin in origins:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(
+                f"origin {origin!r} is invalid; expected scheme://host[:port] such as "
+                "https://example.com, or *"
+            )
+    return " ".join(origin.rstrip("/") for origin in origins)
+
+
+def _parse_path(text: str) -> str:
+    if text and not os.path.isabs(text):
+        raise ValueError("expected an absolute path such as /etc/bptf-relay/token")
+    return text
+
+
 def _parse_format(text: str) -> str:
     name = text.strip().lower()
     if name not in LOG_FORMATS:
@@ -280,6 +334,8 @@ PARSERS: dict[str, Callable[[Field, str], Any]] = {
     "level": lambda field, text: parse_level(text),
     "format": lambda field, text: _parse_format(text),
     "bool": lambda field, text: _parse_bool(text),
+    "origins": lambda field, text: _parse_origins(text),
+    "path": lambda field, text: _parse_path(text),
     "str": lambda field, text: text,
 }
 
@@ -362,12 +418,58 @@ def load_settings(
         field = FIELDS_BY_NAME[name]
         values[field.attr] = _parse_value(field, text, origin)
 
-    settings = Settings(source=path or "defaults", **values)
-    _check_combinations(settings, path or "defaults")
+    origin = path or "settings (no -c file)"
+    if values.get("security_token_file"):
+        values["security_token"] = read_token_file(values["security_token_file"], origin)
+    settings = Settings(source=origin, **values)
+    _check_combinations(settings, origin)
     return settings
 
 
+def read_token_file(token_path: str, origin: str) -> str:
+    """Return the first line of ``token_path``; raise ConfigError if unusable."""
+    where = f"{origin}: [security] token_file = {token_path!r}"
+    try:
+        with open(token_path, encoding="utf-8") as handle:
+            token = handle.readline().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: file not found; create it with the token on its first line") from None
+    except PermissionError:
+        raise ConfigError(f"{where}: not readable by this user; fix its owner or mode (0640 root:bptf-relay)") from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{where}: cannot read a token ({type(error).__name__}); point it at a text file") from None
+    if len(token) < 16:
+        raise ConfigError(f"{where}: the token is missing or shorter than 16 characters; use a long random string such as the output of 'openssl rand -hex 32'")
+    return token
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_combinations(settings: Any, origin: str) -> None:
+    token = settings.security_token
+    if token and len(token) < 16:
+        raise ConfigError(
+            f"{origin}: [security] token is invalid: shorter than 16 characters; use a long "
+            "random string such as the output of 'openssl rand -hex 32'"
+        )
+    if (
+        not is_loopback_host(settings.server_host)
+        and not token
+        and not settings.security_allow_unauthenticated
+    ):
+        raise ConfigError(
+            f"{origin}: [server] host = {settings.server_host!r} exposes the relay beyond this "
+            "machine without an access token, so anyone who can reach the port could use "
+            "this IP's only Backpack.tf slot and read /status. Set [security] token_file "
+            "(or token), or set [security] allow_unauthenticated = yes to accept the risk"
+        )
     if settings.upstream_ping_interval and (
         settings.upstream_ping_timeout >= settings.upstream_ping_interval
     ):
@@ -384,6 +486,14 @@ def _check_combinations(settings: Any, origin: str) -> None:
         )
 
 
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def describe(settings: Any) -> str:
     """Render the effective settings as INI text, secrets masked."""
     lines: list[str] = [f"# effective configuration (file: {settings.source})"]
@@ -395,10 +505,8 @@ def describe(settings: Any) -> str:
             value = getattr(settings, field.attr)
             if field.secret and value:
                 shown = "********"
-            elif isinstance(value, float):
-                shown = f"{value:g}"
             else:
-                shown = str(value)
+                shown = _format_value(value)
             lines.append(f"{field.key} = {shown}")
         lines.append("")
     return "\n".join(lines)
@@ -408,6 +516,7 @@ SECTION_HELP = {
     "server": "HTTP and websocket server for local clients.",
     "upstream": "The one connection to the Backpack.tf events feed.",
     "clients": "Limits applied to each websocket client.",
+    "security": "Access control. Binding a non-loopback host requires a token.",
     "logging": "Log output (stderr; the journal under systemd).",
 }
 
@@ -419,6 +528,8 @@ def example_text() -> str:
         "# defaults. Precedence: command-line flag > environment variable (PORT,",
         "# BACKPACK_WS_URL, LOG_LEVEL) > this file > default.",
         "# Check a file with: python -m relay -c relay.conf --check",
+        "# Reload a running relay with SIGHUP (systemctl reload bptf-relay): [clients],",
+        "# [security] and [logging] apply at once; [server] and [upstream] at restart.",
         "",
     ]
     for section in SECTIONS:
@@ -433,10 +544,9 @@ def example_text() -> str:
                 limits = f" Range: {_number(field.minimum)} to {_number(field.maximum)}."
             help_text = field.help[0].upper() + field.help[1:]
             lines.extend(textwrap.wrap(f"{help_text}.{unit}{limits}", 78, initial_indent="# ", subsequent_indent="# "))
-            value = field.default
-            shown = f"{value:g}" if isinstance(value, float) else str(value)
-            if field.secret or value == "":
-                lines.append(f"# {field.key} =")
+            shown = _format_value(field.default)
+            if field.secret or field.default == "":
+                lines.append(f"# {field.key} = {field.example}".rstrip())
             else:
                 lines.append(f"{field.key} = {shown}")
         lines.append("")

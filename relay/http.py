@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 
@@ -24,15 +25,21 @@ from werkzeug.wrappers import Request, Response
 from . import __version__
 from .client import Client, ClientSocket, InboundSignal
 from .frames import relay_message
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import render as render_metrics
+from .security import OPEN_PATHS
 
 logger = logging.getLogger(__name__)
 
 ENDPOINTS = {
     "/": "service name, version and endpoints",
     "/health": "200 when the upstream is connected, 503 otherwise",
-    "/status": "upstream, clients, traffic and process details",
-    "/api/clients": "connected clients with their counters",
-    "/relay": "websocket endpoint that streams the Backpack.tf feed",
+    "/live": "200 while the process is serving HTTP",
+    "/ready": "200 while the upstream is connected, 503 otherwise",
+    "/status": "upstream, clients, traffic and process details (token)",
+    "/api/clients": "connected clients with their counters (token)",
+    "/metrics": "Prometheus metrics (token)",
+    "/relay": "websocket endpoint that streams the Backpack.tf feed (token)",
 }
 
 
@@ -45,11 +52,110 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return json_response({"error": message, "status": status}, status, headers)
 
 
-class RelayRequestHandler(WSGIRequestHandler):
-    """Werkzeug's handler with JSON error pages, a header timeout and quiet logs."""
+class HeadersTooLarge(Exception):
+    pass
 
-    # Overridden per server by ``make_handler`` with [server] header_timeout.
+
+class _LimitedReader:
+    """Wrap ``rfile`` while headers are parsed, failing past a byte budget."""
+
+    def __init__(self, raw: Any, budget: int) -> None:
+        self._raw = raw
+        self._budget = budget
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self._raw.readline(size)
+        self._budget -= len(line)
+        if self._budget < 0:
+            raise HeadersTooLarge()
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+class HeaderDeadlines:
+    """Cut connections that have not sent a complete request head in time.
+
+    A socket timeout alone cannot do this: it restarts with every byte, so a
+    client sending one byte a second would hold a thread forever. One
+    ``header-reaper`` thread shuts such sockets down instead.
+    """
+
+    def __init__(self, tick: float = 0.25) -> None:
+        self._lock = threading.Lock()
+        self._deadlines: dict[Any, float] = {}
+        self._tick = tick
+        self._thread: threading.Thread | None = None
+
+    def add(self, handler: Any, seconds: float) -> None:
+        with self._lock:
+            self._deadlines[handler] = time.monotonic() + seconds
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="header-reaper", daemon=True)
+                self._thread.start()
+
+    def discard(self, handler: Any) -> None:
+        with self._lock:
+            self._deadlines.pop(handler, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._tick)
+            now = time.monotonic()
+            # Shut down under the lock, so a handler cannot finish its head
+            # (and start a websocket) between the check and the shutdown.
+            with self._lock:
+                expired = [handler for handler, deadline in self._deadlines.items() if deadline <= now]
+                for handler in expired:
+                    del self._deadlines[handler]
+                    handler.header_timed_out()
+
+
+HEADER_DEADLINES = HeaderDeadlines()
+
+
+class RelayRequestHandler(WSGIRequestHandler):
+    """Werkzeug's handler with JSON error pages, header limits and quiet logs."""
+
+    # Overridden per server by ``make_handler`` from the [server] settings.
     timeout: float | None = 10.0
+    max_header_bytes = 16 * 1024
+
+    def handle_one_request(self) -> None:
+        HEADER_DEADLINES.add(self, self.timeout or 10.0)
+        try:
+            super().handle_one_request()
+        finally:
+            HEADER_DEADLINES.discard(self)
+
+    def header_timed_out(self) -> None:
+        logger.info(
+            "closed connection from %s: no complete request within header_timeout (%g s)",
+            self.client_address[0],
+            self.timeout,
+        )
+        counter = getattr(self.server, "count_rejection", None)
+        if counter is not None:
+            counter("header_timeout")
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def parse_request(self) -> bool:
+        original = self.rfile
+        self.rfile = _LimitedReader(original, self.max_header_bytes - len(self.raw_requestline))
+        try:
+            return super().parse_request()
+        except HeadersTooLarge:
+            self.send_error(431, f"request line and headers exceed {self.max_header_bytes} bytes")
+            return False
+        finally:
+            self.rfile = original
+            # The head is complete (or rejected); the websocket that may
+            # follow lives on without a deadline.
+            HEADER_DEADLINES.discard(self)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         short = BaseHTTPRequestHandler.responses.get(code, ("Error", ""))[0]
@@ -57,6 +163,9 @@ class RelayRequestHandler(WSGIRequestHandler):
         logger.info(
             "rejected request from %s: HTTP %d %s", self.client_address[0], code, message or short
         )
+        counter = getattr(self.server, "count_rejection", None)
+        if counter is not None:
+            counter(f"http_{code}")
         self.send_response(code, short)
         self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
@@ -79,8 +188,9 @@ class RelayRequestHandler(WSGIRequestHandler):
         logger.debug("%s: " + format, self.client_address[0], *args)
 
 
-def make_handler(header_timeout: float) -> type[RelayRequestHandler]:
-    return type("ConfiguredRequestHandler", (RelayRequestHandler,), {"timeout": header_timeout})
+def make_handler(header_timeout: float, max_header_bytes: int) -> type[RelayRequestHandler]:
+    attributes = {"timeout": header_timeout, "max_header_bytes": max_header_bytes}
+    return type("ConfiguredRequestHandler", (RelayRequestHandler,), attributes)
 
 
 def is_websocket_request(environ: dict[str, Any]) -> bool:
@@ -94,21 +204,57 @@ class RelayApp:
 
     def __init__(self, relay: Any) -> None:
         self.relay = relay
-        self.settings = relay.settings
         self.routes: dict[str, Callable[[Request], Response]] = {
             "/": self.index,
             "/health": self.health,
+            "/live": self.live,
+            "/ready": self.ready,
             "/status": self.status,
             "/api/clients": self.api_clients,
+            "/metrics": self.metrics,
         }
+
+    @property
+    def settings(self) -> Any:
+        # Read on every use: SIGHUP swaps in new settings.
+        return self.relay.settings
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
+        rejection = self._check_access(environ, path)
+        if rejection is not None:
+            return rejection(environ, start_response)
         if path == "/relay" and method == "GET" and is_websocket_request(environ):
             return self.websocket(environ, start_response)
         response = self.dispatch(Request(environ), path, method)
         return response(environ, start_response)
+
+    def _check_access(self, environ: dict[str, Any], path: str) -> Response | None:
+        policy = self.relay.access
+        address = environ.get("REMOTE_ADDR", "?")
+        if path not in OPEN_PATHS and not policy.origin_allowed(environ):
+            self.relay.count_rejection("origin")
+            logger.warning(
+                "rejected %s from %s: Origin %r is not in [security] allowed_origins",
+                path,
+                address,
+                environ.get("HTTP_ORIGIN", "")[:200],
+            )
+            return error_response(
+                403,
+                "this Origin is not allowed; add it to [security] allowed_origins",
+            )
+        if policy.token_required(path) and not policy.token_valid(environ):
+            self.relay.count_rejection("token")
+            logger.warning("rejected %s from %s: missing or wrong access token", path, address)
+            return error_response(
+                401,
+                "missing or wrong access token; send 'Authorization: Bearer TOKEN' "
+                "or add ?token=TOKEN to the URL",
+                {"WWW-Authenticate": 'Bearer realm="bptf-relay"'},
+            )
+        return None
 
     def dispatch(self, request: Request, path: str, method: str) -> Response:
         if path not in self.routes and path != "/relay":
@@ -149,6 +295,18 @@ class RelayApp:
         }
         return json_response(body, 200 if connected else 503)
 
+    def live(self, request: Request) -> Response:
+        return json_response({"live": True, "uptime": round(self.relay.uptime(), 3)})
+
+    def ready(self, request: Request) -> Response:
+        connected = self.relay.upstream.connected
+        return json_response(
+            {"ready": connected, "backpackConnected": connected}, 200 if connected else 503
+        )
+
+    def metrics(self, request: Request) -> Response:
+        return Response(render_metrics(self.relay), status=200, content_type=METRICS_CONTENT_TYPE)
+
     def status(self, request: Request) -> Response:
         return json_response(self.relay.status())
 
@@ -164,6 +322,18 @@ class RelayApp:
         registry = relay.registry
         address = environ.get("REMOTE_ADDR", "?")
         rejection = self._check_handshake(environ)
+        per_ip = self.settings.clients_max_clients_per_ip
+        if rejection is None and per_ip and registry.count_from(address) >= per_ip:
+            relay.count_rejection("max_clients_per_ip")
+            logger.warning(
+                "rejected websocket from %s: max_clients_per_ip (%d) reached", address, per_ip
+            )
+            rejection = error_response(
+                429,
+                f"this address already has {per_ip} connections, the most allowed; "
+                "close one or raise [clients] max_clients_per_ip",
+                {"Retry-After": "5"},
+            )
         if rejection is None and registry.count() >= self.settings.clients_max_clients:
             relay.count_rejection("max_clients")
             logger.warning(

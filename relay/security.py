@@ -1,0 +1,65 @@
+"""Access control for HTTP requests: the access token and browser origins.
+
+Both checks run before a websocket upgrade, so a rejected client gets a JSON
+401 or 403 response instead of a websocket. Health probes (``/health``,
+``/live``, ``/ready``) and ``/`` stay open so load balancers and systemd
+checks need no secret.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+OPEN_PATHS = frozenset({"/", "/health", "/live", "/ready"})
+
+
+class AccessPolicy:
+    """Token and origin rules from the ``[security]`` settings.
+
+    Immutable; the relay swaps in a new policy on SIGHUP.
+    """
+
+    def __init__(self, settings: Any) -> None:
+        self.token = settings.security_token or ""
+        origins = settings.security_allowed_origins.split()
+        self.any_origin = "*" in origins
+        self.origins = frozenset(origin.lower() for origin in origins if origin != "*")
+
+    def token_required(self, path: str) -> bool:
+        return bool(self.token) and path not in OPEN_PATHS
+
+    def token_valid(self, environ: dict[str, Any]) -> bool:
+        """Return True if the request carries the token, compared in constant time."""
+        presented = _bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
+        if presented is None:
+            values = parse_qs(environ.get("QUERY_STRING", "")).get("token")
+            presented = values[0] if values else None
+        if presented is None:
+            return False
+        return hmac.compare_digest(presented.encode("utf-8"), self.token.encode("utf-8"))
+
+    def origin_allowed(self, environ: dict[str, Any]) -> bool:
+        """Return True unless the request names a foreign Origin that is not allowed.
+
+        Allowed: no Origin header, an Origin listed in allowed_origins (or
+        ``*``), and a same-origin Origin whose host and port equal the Host
+        header. websocket-client, for one, sends the latter by default; a
+        browser page on another site never does.
+        """
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is None or self.any_origin:
+            return True
+        normalised = origin.strip().rstrip("/").lower()
+        if normalised in self.origins:
+            return True
+        host = environ.get("HTTP_HOST", "").strip().lower()
+        return bool(host) and urlsplit(normalised).netloc == host
+
+
+def _bearer_token(header: str) -> str | None:
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()
