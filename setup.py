@@ -23,6 +23,8 @@ setup(
         "websocket-client>=1.9.2,<2",
         "simple-websocket>=1.1,<2",
         "werkzeug>=3,<4",
+        # The field's standard Prometheus client: text exposition format done right.
+        "prometheus_client>=0.17,<1",
     ],
     entry_points={"console_scripts": ["bptf-relay=relay.__main__:main"]},
     classifiers=[

@@ -16,8 +16,18 @@ def _on_stop_signal(signum: int, frame: object) -> None:
     STOP_REQUESTED.set()
 
 
+# SIGHUP (systemctl reload) must not end the process, which is Python's
+# default; the relay re-reads its configuration instead.
+RELOAD_REQUESTED = threading.Event()
+
+
+def _on_reload_signal(signum: int, frame: object) -> None:
+    RELOAD_REQUESTED.set()
+
+
 signal.signal(signal.SIGTERM, _on_stop_signal)
 signal.signal(signal.SIGINT, _on_stop_signal)
+signal.signal(signal.SIGHUP, _on_reload_signal)
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
@@ -26,7 +36,7 @@ from typing import Sequence  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .config import EX_CONFIG, ConfigError, describe, load_settings  # noqa: E402
-from .logs import configure_logging  # noqa: E402
+from .logs import configure_logging, set_secrets  # noqa: E402
 from .service import Relay, StartupError  # noqa: E402
 
 logger = logging.getLogger("relay.main")
@@ -79,8 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("configuration OK", file=sys.stderr)
         return 0
 
+    set_secrets([settings.security_token])
     configure_logging(settings.logging_level, settings.logging_format)
-    relay = Relay(settings, stop_event=STOP_REQUESTED)
+
+    def reload_settings() -> object:
+        return load_settings(args.config, overrides=overrides)
+
+    relay = Relay(settings, stop_event=STOP_REQUESTED, load_settings=reload_settings)
+    relay.reload_requested = RELOAD_REQUESTED
     try:
         relay.start()
     except StartupError as error:

@@ -572,6 +572,19 @@ class Client:
         """Close with 1001 because the relay is stopping."""
         self.close(CLOSE_GOING_AWAY, reason, CloseCause.SHUTDOWN)
 
+    def apply_limits(self, settings: Any) -> None:
+        """Adopt new queue, timeout, ping and rate limits (after a SIGHUP reload)."""
+        with self._cond:
+            self._queue_max_bytes = settings.clients_queue_max_bytes
+            self._queue_max_frames = settings.clients_queue_max_frames
+            self._send_timeout = settings.clients_send_timeout
+            self._close_timeout = settings.clients_close_timeout
+            self._ping_interval = settings.clients_ping_interval
+            self._message_rate = settings.clients_message_rate
+            self._message_burst = settings.clients_message_burst
+        if self.ws is not None:
+            self.ws.max_message_size = settings.clients_max_message_bytes
+
     def describe(self) -> dict[str, Any]:
         """Return this client's row for ``/api/clients``."""
         return {

@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 class Registry:
     """Lock-protected set of clients with fan-out and per-cause counters."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, latency: Any = None) -> None:
         self._settings = settings
+        self.latency = latency
         self._lock = threading.Lock()
         self._clients: dict[int, Client] = {}
         self._snapshot: tuple[Client, ...] = ()
@@ -84,14 +85,21 @@ class Registry:
     def count_from(self, address: str) -> int:
         return sum(1 for client in self._snapshot if client.address == address)
 
-    def broadcast(self, frame: bytes, upstream: bool = True) -> None:
-        """Send one encoded frame to every client; never blocks on a socket."""
+    def broadcast(self, frame: bytes, upstream: bool = True, received_at: float | None = None) -> None:
+        """Send one encoded frame to every client without blocking on a socket.
+
+        ``received_at`` (``time.monotonic()`` when the upstream frame arrived)
+        feeds the delivery latency histogram, once per frame, with the time
+        until every client had the frame written or queued.
+        """
         # Reading the snapshot under the lock waits out an add() in progress,
         # whose greeting may already be on the wire.
         with self._lock:
             clients = self._snapshot
         for client in clients:
             client.send(frame, upstream)
+        if received_at is not None and clients and self.latency is not None:
+            self.latency.observe(time.monotonic() - received_at)
 
     def broadcast_message(self, message_type: str, **fields: Any) -> None:
         """Send a relay message (a JSON object) to every client."""

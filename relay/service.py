@@ -15,14 +15,19 @@ import socket
 import threading
 import time
 from collections import Counter
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 from werkzeug.serving import make_server
 
 from . import __version__
+from .config import FIELDS, ConfigError
 from .http import RelayApp, make_handler
+from .logs import configure_logging, set_secrets
+from .metrics import LatencyHistogram
 from .notify import SystemdNotifier, start_watchdog_loop
 from .registry import Keepalive, Registry
+from .security import AccessPolicy
 from .upstream import Upstream
 
 logger = logging.getLogger(__name__)
@@ -45,9 +50,15 @@ class Relay:
         settings: Any,
         environ: dict[str, str] | None = None,
         stop_event: threading.Event | None = None,
+        load_settings: Callable[[], Any] | None = None,
     ) -> None:
         self.settings = settings
-        self.registry = Registry(settings)
+        self.access = AccessPolicy(settings)
+        self.latency = LatencyHistogram()
+        # Re-reads the same file, environment and flags; used on SIGHUP.
+        self._load_settings = load_settings
+        self.reload_requested = threading.Event()
+        self.registry = Registry(settings, self.latency)
         self.upstream = Upstream(settings, self.registry)
         self.app = RelayApp(self)
         self.notifier = SystemdNotifier(os.environ if environ is None else environ)
@@ -79,11 +90,14 @@ class Relay:
                 self.port,
                 self.app,
                 threaded=True,
-                request_handler=make_handler(self.settings.server_header_timeout),
+                request_handler=make_handler(
+                    self.settings.server_header_timeout, self.settings.server_max_header_bytes
+                ),
                 fd=listener.fileno(),
             )
         finally:
             listener.close()
+        self._server.count_rejection = self.count_rejection
         self.port = self._server.port
         self._server_thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
@@ -186,8 +200,11 @@ class Relay:
                 "binaryFrames": upstream.frames_binary,
                 "notJsonArrayFrames": upstream.frames_not_json_array,
             },
-            "process": process_info(self.uptime()),
+            "process": self.process_info(),
         }
+
+    def process_info(self) -> dict[str, Any]:
+        return process_info(self.uptime())
 
     # -- stop ----------------------------------------------------------------------
 
@@ -198,11 +215,60 @@ class Relay:
         self._stop_event.set()
 
     def run(self) -> None:
-        """Block until the stop event is set, then shut down within shutdown_timeout."""
-        while not self._stop_event.wait(0.5):
-            pass
+        """Serve until the stop event is set, reloading on request; then shut down."""
+        while not self._stop_event.wait(0.2):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
         logger.info("stop requested; shutting down")
         self.shutdown()
+
+    def reload(self) -> None:
+        """Re-read the configuration and apply what can change while running.
+
+        Log settings, client limits and the access rules change at once and
+        apply to connected clients too; a changed address, port or upstream
+        URL is logged as needing a restart. An invalid file keeps the old
+        settings.
+        """
+        if self._load_settings is None:
+            return
+        try:
+            new = self._load_settings()
+        except ConfigError as error:
+            logger.error("reload failed, keeping the current settings: %s", error)
+            return
+        old = self.settings
+        changed = [
+            field for field in FIELDS if getattr(old, field.attr) != getattr(new, field.attr)
+        ]
+        if not changed:
+            logger.info("reload: configuration unchanged")
+            return
+        restart_needed = [f for f in changed if f.section in ("server", "upstream")]
+        applied = [f for f in changed if f not in restart_needed]
+        if applied:
+            set_secrets([new.security_token])
+            configure_logging(new.logging_level, new.logging_format)
+            self.settings = replace_sections(old, new, {"clients", "security", "logging"})
+            self.access = AccessPolicy(self.settings)
+            for client in self.registry.clients():
+                client.apply_limits(self.settings)
+        for field in applied:
+            logger.info(
+                "reload: [%s] %s changed from %s to %s",
+                field.section,
+                field.key,
+                _shown(field, getattr(old, field.attr)),
+                _shown(field, getattr(new, field.attr)),
+            )
+        for field in restart_needed:
+            logger.warning(
+                "reload: [%s] %s changed to %s, which takes effect only after a restart",
+                field.section,
+                field.key,
+                _shown(field, getattr(new, field.attr)),
+            )
 
     def shutdown(self) -> None:
         """Stop accepting, close clients with 1001 and the upstream with 1000."""
@@ -236,6 +302,18 @@ class Relay:
             self.registry.accepted_total,
         )
         self.notifier.close()
+
+
+def _shown(field: Any, value: Any) -> str:
+    if field.secret:
+        return "(hidden)"
+    return repr(value)
+
+
+def replace_sections(old: Any, new: Any, sections: set[str]) -> Any:
+    """Return ``old`` with every field of ``sections`` taken from ``new``."""
+    values = {f.attr: getattr(new, f.attr) for f in FIELDS if f.section in sections}
+    return dataclasses.replace(old, **values)
 
 
 def process_info(uptime: float) -> dict[str, Any]:

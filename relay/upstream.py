@@ -397,7 +397,7 @@ class Upstream(threading.Thread):
             return
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("upstream frame %d: %d bytes, opcode %d", self.frames_in, len(data), opcode)
-        self.registry.broadcast(encode_frame(opcode, data))
+        self.registry.broadcast(encode_frame(opcode, data), received_at=now)
         self.frames_relayed += 1
 
     def _drop(self, reason: str, message: str, *args: Any) -> None:

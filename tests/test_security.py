@@ -1,0 +1,377 @@
+"""Access token, origins, caps, probes, metrics and SIGHUP reload, on the real process."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import websocket
+
+from tests.support import (
+    ROOT,
+    UNIT,
+    FakeUpstream,
+    RelayClient,
+    RelayProcess,
+    wait_for,
+)
+
+TOKEN = "s3cret-token-0123456789abcdef"
+OPEN_PATHS = ("/", "/health", "/live", "/ready")
+PROTECTED_PATHS = ("/status", "/api/clients", "/metrics")
+
+
+def raw_request(port: int, data: bytes, timeout: float) -> bytes:
+    """Send raw bytes to the relay and return everything it sends back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else 0
+
+
+class SecuredRelayTestCase(unittest.TestCase):
+    sections: dict = {}
+
+    def setUp(self) -> None:
+        self.upstream = FakeUpstream()
+        self.addCleanup(self.upstream.close)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.relay = RelayProcess(self.upstream.url, self.sections)
+        self.addCleanup(self.relay.stop)
+        self.relay.wait_listening()
+        self.connection = self.upstream.wait_connection(1, 10 * UNIT)
+
+
+class TokenTest(SecuredRelayTestCase):
+    sections = {"security": {"token": TOKEN}, "logging": {"level": "DEBUG"}}
+
+    def test_open_paths_need_no_token(self) -> None:
+        for path in OPEN_PATHS:
+            with self.subTest(path=path):
+                status, _ = self.relay.get(path)
+                self.assertIn(status, (200, 503))
+
+    def test_protected_paths_reject_missing_token(self) -> None:
+        for path in PROTECTED_PATHS:
+            with self.subTest(path=path):
+                status, body = self.relay.get(path)
+                self.assertEqual(status, 401)
+                self.assertIn("Authorization: Bearer", body["error"])
+
+    def test_protected_paths_reject_wrong_token(self) -> None:
+        for path in PROTECTED_PATHS:
+            with self.subTest(path=path):
+                status, _ = self.relay.get(path, {"Authorization": "Bearer wrong-token-value-xyz"})
+                self.assertEqual(status, 401)
+                status, _ = self.relay.get(path + "?token=wrong-token-value-xyz")
+                self.assertEqual(status, 401)
+
+    def test_protected_paths_accept_token(self) -> None:
+        for path in PROTECTED_PATHS:
+            with self.subTest(path=path):
+                status, _ = self.relay.get(path, {"Authorization": f"Bearer {TOKEN}"})
+                self.assertEqual(status, 200)
+                status, _ = self.relay.get(f"{path}?token={TOKEN}")
+                self.assertEqual(status, 200)
+
+    def test_websocket_requires_token(self) -> None:
+        with self.assertRaises(websocket.WebSocketBadStatusException) as raised:
+            websocket.create_connection(self.relay.ws_url, timeout=5 * UNIT)
+        self.assertEqual(raised.exception.status_code, 401)
+        with self.assertRaises(websocket.WebSocketBadStatusException) as raised:
+            websocket.create_connection(self.relay.ws_url, timeout=5 * UNIT, header=["Authorization: Bearer nope-nope-nope-nope"])
+        self.assertEqual(raised.exception.status_code, 401)
+
+    def test_websocket_accepts_header_and_query(self) -> None:
+        by_header = RelayClient(self.relay.ws_url, header=[f"Authorization: Bearer {TOKEN}"])
+        self.addCleanup(by_header.close)
+        self.assertEqual(by_header.recv_json()["type"], "relay_status")
+        by_query = RelayClient(f"{self.relay.ws_url}?token={TOKEN}")
+        self.addCleanup(by_query.close)
+        self.assertEqual(by_query.recv_json()["type"], "relay_status")
+
+    def test_token_never_logged(self) -> None:
+        """A full session at DEBUG level, token in header and query, never logs it."""
+        client = RelayClient(f"{self.relay.ws_url}?token={TOKEN}")
+        client.recv_json()
+        self.relay.get(f"/status?token={TOKEN}")
+        self.relay.get("/status?token=wrong-but-also-secret-123")
+        self.relay.get("/metrics", {"Authorization": f"Bearer {TOKEN}"})
+        client.close()
+        self.relay.stop()
+        self.assertIn("relay.http", self.relay.output)
+        self.assertNotIn(TOKEN, self.relay.output)
+        self.assertNotIn("wrong-but-also-secret-123", self.relay.output)
+
+    def test_check_masks_token(self) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "-c", self.relay.config_path, "--check"],
+            cwd=str(ROOT), capture_output=True, text=True, timeout=30,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("token = ********", result.stdout)
+        self.assertNotIn(TOKEN, result.stdout + result.stderr)
+
+
+class OriginTest(SecuredRelayTestCase):
+    sections = {"security": {"allowed_origins": "https://good.example"}}
+
+    def handshake(self, origin: str | None) -> int:
+        headers = [f"Origin: {origin}"] if origin else []
+        try:
+            ws = websocket.create_connection(self.relay.ws_url, timeout=5 * UNIT, header=headers, suppress_origin=True)
+        except websocket.WebSocketBadStatusException as error:
+            return error.status_code
+        ws.close()
+        return 101
+
+    def test_listed_origin_allowed(self) -> None:
+        self.assertEqual(self.handshake("https://good.example"), 101)
+
+    def test_other_origin_refused_403(self) -> None:
+        self.assertEqual(self.handshake("https://evil.example"), 403)
+        status, body = self.relay.get("/status", {"Origin": "https://evil.example"})
+        self.assertEqual(status, 403)
+        self.assertIn("allowed_origins", body["error"])
+
+    def test_no_origin_allowed(self) -> None:
+        self.assertEqual(self.handshake(None), 101)
+
+    def test_same_origin_allowed(self) -> None:
+        self.assertEqual(self.handshake(f"http://127.0.0.1:{self.relay.port}"), 101)
+
+    def test_default_refuses_browser_origins(self) -> None:
+        relay = RelayProcess(self.upstream.url)
+        self.addCleanup(relay.stop)
+        relay.wait_listening()
+        with self.assertRaises(websocket.WebSocketBadStatusException) as raised:
+            websocket.create_connection(relay.ws_url, timeout=5 * UNIT, header=["Origin: https://good.example"], suppress_origin=True)
+        self.assertEqual(raised.exception.status_code, 403)
+
+
+class CapsTest(SecuredRelayTestCase):
+    sections = {"clients": {"max_clients": 3, "max_clients_per_ip": 2}, "server": {"max_header_bytes": 2048, "header_timeout": 1 * UNIT}}
+
+    def test_per_ip_cap_429(self) -> None:
+        clients = [RelayClient(self.relay.ws_url) for _ in range(2)]
+        for client in clients:
+            self.addCleanup(client.close)
+            client.recv_json()
+        with self.assertRaises(websocket.WebSocketBadStatusException) as raised:
+            websocket.create_connection(self.relay.ws_url, timeout=5 * UNIT)
+        self.assertEqual(raised.exception.status_code, 429)
+        self.assertIn(b"max_clients_per_ip", raised.exception.resp_body)
+
+    def test_header_size_cap_431(self) -> None:
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n"
+        response = raw_request(self.relay.port, request, 5 * UNIT)
+        self.assertEqual(status_of(response), 431)
+        self.assertIn(b"2048 bytes", response)
+
+    def test_slow_headers_cut(self) -> None:
+        """A client trickling its headers is disconnected after header_timeout."""
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.relay.port), timeout=10 * UNIT) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+            closed = False
+            for _ in range(int(20 * UNIT)):
+                try:
+                    sock.sendall(b"X")
+                except OSError:
+                    closed = True
+                    break
+                sock.settimeout(0.5)
+                try:
+                    if sock.recv(1024) == b"":
+                        closed = True
+                        break
+                except socket.timeout:
+                    pass
+        self.assertTrue(closed)
+        self.assertLess(time.monotonic() - started, 8 * UNIT)
+        self.assertEqual(self.relay.get("/health")[0], 200)
+
+
+class MaxClientsTest(SecuredRelayTestCase):
+    sections = {"clients": {"max_clients": 2}}
+
+    def test_max_clients_503(self) -> None:
+        clients = [RelayClient(self.relay.ws_url) for _ in range(2)]
+        for client in clients:
+            self.addCleanup(client.close)
+            client.recv_json()
+        with self.assertRaises(websocket.WebSocketBadStatusException) as raised:
+            websocket.create_connection(self.relay.ws_url, timeout=5 * UNIT)
+        self.assertEqual(raised.exception.status_code, 503)
+        status = self.relay.get("/status")[1]
+        self.assertEqual(status["clients"]["rejected"].get("max_clients"), 1)
+
+
+class ProbesAndMetricsTest(SecuredRelayTestCase):
+    def test_live_and_ready(self) -> None:
+        self.relay.wait_health(200, 10 * UNIT)
+        self.assertEqual(self.relay.get("/live")[0], 200)
+        self.assertEqual(self.relay.get("/ready")[0], 200)
+        self.upstream.reject_with = (503, b"down")
+        self.connection.reset()
+        wait_for(lambda: self.relay.get("/ready")[0] == 503, 5 * UNIT)
+        self.assertEqual(self.relay.get("/live")[0], 200)
+
+    def test_metrics_exposition(self) -> None:
+        client = RelayClient(self.relay.ws_url)
+        self.addCleanup(client.close)
+        client.recv_json()
+        self.connection.send_text(b'["one"]')
+        client.recv()
+        wait_for(lambda: b"bptf_relay_frames_delivered_total 1.0" in self._metrics(), 5 * UNIT)
+        text = self._metrics().decode()
+        for name in (
+            "bptf_relay_upstream_connected 1.0",
+            'bptf_relay_upstream_state{state="connected"} 1.0',
+            "bptf_relay_frames_received_total 1.0",
+            "bptf_relay_clients_connected 1.0",
+            "bptf_relay_delivery_latency_seconds_bucket",
+            "bptf_relay_client_queue_max_bytes",
+        ):
+            self.assertIn(name, text)
+
+    def _metrics(self) -> bytes:
+        import urllib.request
+
+        with urllib.request.urlopen(self.relay.base + "/metrics", timeout=5 * UNIT) as response:
+            self.assertTrue(response.headers["Content-Type"].startswith("text/plain"))
+            return response.read()
+
+
+class ReloadTest(SecuredRelayTestCase):
+    def write_config(self, extra: str) -> None:
+        """Merge ``extra`` (INI text) into the relay's configuration file."""
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(self.relay.config_path, encoding="utf-8")
+        parser.read_string(extra)
+        with open(self.relay.config_path, "w", encoding="utf-8") as handle:
+            parser.write(handle)
+
+    def test_sighup_applies_changes(self) -> None:
+        client = RelayClient(self.relay.ws_url)
+        self.addCleanup(client.close)
+        client.recv_json()
+        self.write_config(f"[security]\ntoken = {TOKEN}\n[clients]\nqueue_max_frames = 77\n")
+        self.relay.signal(signal.SIGHUP)
+        self.relay.wait_log(r"reload: \[clients\] queue_max_frames changed from 4096 to 77", 5 * UNIT)
+        self.relay.wait_log(r"reload: \[security\] token changed", 5 * UNIT)
+        self.assertEqual(self.relay.get("/status")[0], 401)
+        self.connection.send_text(b'["still here"]')
+        self.assertEqual(client.recv()[1], b'["still here"]')
+        self.assertIsNone(self.relay.process.poll())
+        self.assertNotIn(TOKEN, self.relay.output)
+
+    def test_sighup_broken_file_keeps_settings(self) -> None:
+        self.write_config("[clients]\nqueue_max_frames = lots\n")
+        self.relay.signal(signal.SIGHUP)
+        self.relay.wait_log(r"reload failed, keeping the current settings: .*queue_max_frames = 'lots'", 5 * UNIT)
+        self.assertIsNone(self.relay.process.poll())
+        self.assertEqual(self.relay.get("/health")[0], 200)
+
+    def test_sighup_restart_only_keys_reported(self) -> None:
+        self.write_config("[upstream]\nstall_timeout = 99\n")
+        self.relay.signal(signal.SIGHUP)
+        self.relay.wait_log(r"stall_timeout changed to 99.* only after a restart", 5 * UNIT)
+
+
+class BindSafetyTest(unittest.TestCase):
+    def run_check(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "--check", *args],
+            cwd=str(ROOT), capture_output=True, text=True, timeout=30,
+            env={k: v for k, v in os.environ.items() if k not in ("PORT", "BACKPACK_WS_URL", "LOG_LEVEL")},
+        )
+
+    def test_public_bind_without_token_refused(self) -> None:
+        result = self.run_check("--host", "0.0.0.0")
+        self.assertEqual(result.returncode, 78)
+        self.assertIn("without an access token", result.stderr)
+        self.assertIn("token_file", result.stderr)
+        self.assertIn("allow_unauthenticated = yes", result.stderr)
+
+    def test_public_bind_with_opt_out_allowed(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "relay.conf")
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write("[server]\nhost = 0.0.0.0\n[security]\nallow_unauthenticated = yes\n")
+            result = self.run_check("-c", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_public_bind_with_token_file(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            token_path = os.path.join(directory, "token")
+            with open(token_path, "w", encoding="utf-8") as handle:
+                handle.write(TOKEN + "\n")
+            path = os.path.join(directory, "relay.conf")
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(f"[server]\nhost = 0.0.0.0\n[security]\ntoken_file = {token_path}\n")
+            result = self.run_check("-c", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(TOKEN, result.stdout)
+
+    def test_missing_token_file_78(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "relay.conf")
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write("[security]\ntoken_file = /nonexistent/token\n")
+            result = self.run_check("-c", path)
+        self.assertEqual(result.returncode, 78)
+        self.assertIn("/nonexistent/token", result.stderr)
+        self.assertIn("not found", result.stderr)
+
+    def test_short_token_78(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "relay.conf")
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write("[security]\ntoken = short\n")
+            result = self.run_check("-c", path)
+        self.assertEqual(result.returncode, 78)
+        self.assertIn("shorter than 16 characters", result.stderr)
+        self.assertNotIn("short\n", result.stderr)
+
+
+class JsonLogTest(SecuredRelayTestCase):
+    sections = {"logging": {"format": "json"}}
+
+    def test_lines_are_json_objects(self) -> None:
+        client = RelayClient(self.relay.ws_url)
+        client.recv_json()
+        client.close()
+        self.relay.wait_log(r"disconnected", 5 * UNIT)
+        self.relay.stop()
+        lines = [line for line in self.relay.lines if line.strip()]
+        self.assertGreater(len(lines), 3)
+        for line in lines:
+            entry = json.loads(line)
+            for key in ("time", "level", "logger", "message"):
+                self.assertIn(key, entry)
+
+
+if __name__ == "__main__":
+    unittest.main()
