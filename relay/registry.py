@@ -127,11 +127,18 @@ class Registry:
 class Keepalive(threading.Thread):
     """One thread that pings every client and closes the silent ones."""
 
-    def __init__(self, registry: Registry, interval: float, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        interval: float,
+        stop: threading.Event,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(name="keepalive", daemon=True)
         self._registry = registry
         self._interval = interval
         self._stop_event = stop
+        self._on_tick = on_tick
 
     def run(self) -> None:
         tick = min(1.0, self._interval / 4)
@@ -139,3 +146,5 @@ class Keepalive(threading.Thread):
             now = time.monotonic()
             for client in self._registry.clients():
                 client.check_keepalive(now)
+            if self._on_tick is not None:
+                self._on_tick()

@@ -113,7 +113,12 @@ class Relay:
         )
         self.upstream.observers.append(self._publish_status)
         self.upstream.start()
-        self._keepalive = Keepalive(self.registry, self.settings.clients_ping_interval, self._stop_event)
+        self._keepalive = Keepalive(
+            self.registry,
+            self.settings.clients_ping_interval,
+            self._stop_event,
+            on_tick=self._publish_status if self.notifier.enabled else None,
+        )
         self._keepalive.start()
         self.notifier.ready()
         self._publish_status()
