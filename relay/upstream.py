@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Any, Callable
 
 import websocket
+from websocket._abnf import continuous_frame  # websocket-client 1.9: not re-exported
 from websocket._dispatcher import DispatcherBase  # websocket-client 1.9: not re-exported
 
 from . import __version__
@@ -33,8 +34,22 @@ from .registry import Registry
 logger = logging.getLogger(__name__)
 
 CLIENT_LIMIT_EVENT = b"client-limit-exceeded"
-# Longest the dispatcher sleeps before it re-checks the stall timer.
+# Maximum time, in seconds, the dispatcher sleeps before it re-checks the stall
+# and ping timers.
 DISPATCH_TICK = 1.0
+
+
+def dispatch_tick(ping_interval: float, ping_timeout: float) -> float:
+    """Return how long the dispatcher may sleep between checks, in seconds.
+
+    websocket-client's check() detects a missing pong only between ping_timeout
+    and ping_interval after each ping, because the next ping resets its timer.
+    The dispatcher therefore checks at least twice inside that window, or a
+    dead upstream could go unnoticed for ever.
+    """
+    if not ping_interval:
+        return DISPATCH_TICK
+    return min(DISPATCH_TICK, (ping_interval - ping_timeout) / 2)
 
 
 class UpstreamState(str, enum.Enum):
@@ -79,6 +94,20 @@ class Backoff:
         self.failures = 0
 
 
+class _Reassembler(continuous_frame):
+    """websocket-client's fragment reassembly, labelling a message with its first opcode.
+
+    websocket-client 1.9 passes the opcode of a fragmented message's last
+    frame (0, continuation) to ``on_data``. This class sets the reassembled
+    frame's opcode to the first frame's opcode (text or binary) instead.
+    """
+
+    def extract(self, frame: websocket.ABNF) -> tuple:
+        opcode, frame = super().extract(frame)
+        frame.opcode = opcode
+        return opcode, frame
+
+
 class _WakeableDispatcher(DispatcherBase):
     """Read loop for ``run_forever`` that can be woken from another thread.
 
@@ -94,6 +123,10 @@ class _WakeableDispatcher(DispatcherBase):
         if self.app.sock is None or self.app.sock.sock is None:
             return
         raw = self.app.sock.sock
+        # No data frame has been read yet, so no fragment is lost by the swap.
+        self.app.sock.cont_frame = _Reassembler(False, True)
+        settings = self.upstream.settings
+        tick = dispatch_tick(settings.upstream_ping_interval, settings.upstream_ping_timeout)
         selector = selectors.DefaultSelector()
         selector.register(raw, selectors.EVENT_READ, "upstream")
         selector.register(self.upstream.wake_reader, selectors.EVENT_READ, "wake")
@@ -103,7 +136,7 @@ class _WakeableDispatcher(DispatcherBase):
                 if pending is not None and pending():
                     ready = ["upstream"]
                 else:
-                    ready = [key.data for key, _ in selector.select(DISPATCH_TICK)]
+                    ready = [key.data for key, _ in selector.select(tick)]
                 if "wake" in ready:
                     self.upstream.drain_wake()
                     if self.upstream.stopping:
@@ -147,6 +180,8 @@ class Upstream(threading.Thread):
         self.wake_reader, self._wake_writer = socket.socketpair()
         self.wake_reader.setblocking(False)
         self._app: _App | None = None
+        # The open connection's socket, closed by _connect_once once it ends.
+        self._socket: socket.socket | None = None
         self._lock = threading.Lock()
 
         self.state = UpstreamState.STOPPED
@@ -278,6 +313,7 @@ class Upstream(threading.Thread):
         finally:
             with self._lock:
                 self._app = None
+            self._close_socket()
         if self._connected_monotonic is not None:
             self._count_disconnect()
 
@@ -339,7 +375,20 @@ class Upstream(threading.Thread):
 
     # -- websocket-client callbacks (upstream thread) --------------------------
 
+    def _close_socket(self) -> None:
+        """Close the finished connection's socket.
+
+        websocket-client 1.9 does not close it after a close frame from the
+        server, because ``WebSocket.close`` returns early once the relay has
+        replied to that frame. The socket would stay in CLOSE_WAIT until
+        garbage collection.
+        """
+        raw, self._socket = self._socket, None
+        if raw is not None:
+            raw.close()
+
     def _on_open(self, app: websocket.WebSocketApp) -> None:
+        self._socket = app.sock.sock if app.sock is not None else None
         if self.stopping:
             app.keep_running = False
             return
@@ -446,9 +495,26 @@ class Upstream(threading.Thread):
         if self._connected_monotonic is not None:
             self._disconnect_cause = cause
             logger.warning("upstream connection failed: %s", text)
+        if cause == "ping_timeout":
+            self._stop_reading(app)
         if not self._error_reported:
             self._error_reported = True
             self.registry.broadcast_message("backpack_error", error=text)
+
+    def _stop_reading(self, app: websocket.WebSocketApp) -> None:
+        """Shut the read side so the close that follows does not wait for a reply.
+
+        websocket-client waits up to 3 s for the peer's close frame, which an
+        upstream that stopped sending pongs will not send. The relay's own
+        close frame is still written.
+        """
+        raw = app.sock.sock if app.sock is not None else None
+        if raw is None:
+            return
+        try:
+            raw.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def _on_close(self, app: websocket.WebSocketApp, code: int | None, reason: str | None) -> None:
         self.last_close_code = code
