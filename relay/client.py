@@ -33,8 +33,10 @@ from simple_websocket import ConnectionClosed
 
 from .frames import (
     CLOSE_GOING_AWAY,
+    CLOSE_INVALID_PAYLOAD,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
     CLOSE_SLOW_CONSUMER,
     CLOSE_UNSUPPORTED_DATA,
     OPCODE_CLOSE,
@@ -67,6 +69,7 @@ class CloseCause(str, enum.Enum):
     PING_TIMEOUT = "ping_timeout"
     RATE_LIMITED = "rate_limited"
     MESSAGE_TOO_BIG = "message_too_big"
+    PROTOCOL_ERROR = "protocol_error"
     BINARY_MESSAGE = "binary_message"
     SHUTDOWN = "shutdown"
 
@@ -408,12 +411,15 @@ class Client:
     def _closed_by_library(self, frame: bytes) -> None:
         """Record a close frame written by simple-websocket; the caller holds the lock.
 
-        simple-websocket writes one when it echoes the client's close frame and
-        when a message exceeds ``max_message_bytes`` (code 1009).
+        simple-websocket writes one when it echoes the client's close frame, when
+        a message exceeds ``max_message_bytes`` (code 1009) and when the client
+        breaks the protocol (1002, or 1007 for invalid UTF-8).
         """
         code = struct.unpack("!H", frame[2:4])[0] if len(frame) >= 4 else None
         if code == CLOSE_MESSAGE_TOO_BIG:
             self._begin_closing(CloseCause.MESSAGE_TOO_BIG, code, "message too big")
+        elif code in (CLOSE_PROTOCOL_ERROR, CLOSE_INVALID_PAYLOAD):
+            self._begin_closing(CloseCause.PROTOCOL_ERROR, code, "protocol error")
         else:
             self._begin_closing(CloseCause.CLIENT_CLOSED, code)
 

@@ -9,6 +9,8 @@ would put an HTTP status line after the close frame).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
 import logging
@@ -158,6 +160,10 @@ class RelayRequestHandler(WSGIRequestHandler):
             HEADER_DEADLINES.discard(self)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        if getattr(self, "command", None) is None:
+            # The request line did not parse, so http.server still assumes
+            # HTTP/0.9 and would send the body without a status line.
+            self.request_version = "HTTP/1.1"
         short = BaseHTTPRequestHandler.responses.get(code, ("Error", ""))[0]
         body = json.dumps({"error": message or short, "status": code}).encode() + b"\n"
         logger.info(
@@ -186,6 +192,16 @@ class RelayRequestHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s: " + format, self.client_address[0], *args)
+
+
+class RelayWebSocket(simple_websocket.Server):
+    """simple-websocket's server, choosing subprotocols as Node's ``ws`` does."""
+
+    def choose_subprotocol(self, request: Any) -> str | None:
+        # The relay speaks no subprotocol of its own. Node ws servers (which
+        # this relay replaces) accept the client's first one, and ws clients
+        # that request one fail if the response names none.
+        return request.subprotocols[0] if request.subprotocols else None
 
 
 def make_handler(header_timeout: float, max_header_bytes: int) -> type[RelayRequestHandler]:
@@ -376,7 +392,7 @@ class RelayApp:
         upgrade_environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
         upgrade_environ["werkzeug.socket"] = ClientSocket(client)
         try:
-            ws = simple_websocket.Server(
+            ws = RelayWebSocket(
                 upgrade_environ,
                 max_message_size=self.settings.clients_max_message_bytes,
                 thread_class=functools.partial(threading.Thread, daemon=True),
@@ -430,8 +446,16 @@ class RelayApp:
 
     def _check_handshake(self, environ: dict[str, Any]) -> Response | None:
         version = environ.get("HTTP_SEC_WEBSOCKET_VERSION", "")
-        if not environ.get("HTTP_SEC_WEBSOCKET_KEY"):
+        key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+        if not key:
             return error_response(400, "websocket upgrade without Sec-WebSocket-Key")
+        try:
+            decoded = base64.b64decode(key, validate=True)
+        except (binascii.Error, ValueError):
+            decoded = b""
+        if len(decoded) != 16:
+            # RFC 6455, section 4.2.1: the key is 16 random bytes in base64.
+            return error_response(400, "invalid Sec-WebSocket-Key: expected 16 bytes in base64")
         if version.strip() != "13":
             return error_response(
                 426,

@@ -112,6 +112,10 @@ class Relay:
             self.port,
         )
         self.upstream.observers.append(self._publish_status)
+        if self._stop_event.is_set():
+            # A signal arrived during start-up: the thread must exit before
+            # its first connection attempt.
+            self.upstream.stop()
         self.upstream.start()
         self._keepalive = Keepalive(
             self.registry,
