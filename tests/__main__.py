@@ -21,7 +21,12 @@ def main() -> int:
     else:
         suite = loader.discover(str(root / "tests"), top_level_dir=str(root))
     result = unittest.TextTestRunner(verbosity=1).run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    # A test with failing subtests appears once per subtest; count it once.
+    failed_ids = {
+        getattr(test, "test_case", test).id()
+        for test, _ in result.failures + result.errors
+    }
+    failed = len(failed_ids) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
     print(f"{passed} passed, {failed} failed, {skipped} skipped")

@@ -65,6 +65,16 @@ def free_port() -> int:
 # -- fake upstream ------------------------------------------------------------------
 
 
+def _peer_closed(sock: socket.socket) -> bool:
+    """Return True when the peer's FIN or RST has arrived on ``sock``, or it is closed."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 def encode_server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     first = (0x80 if fin else 0) | opcode
     length = len(payload)
@@ -160,6 +170,7 @@ class UpstreamConnection:
         wakes serve() with shutdown(SHUT_RD), which sends nothing either, and
         serve() then closes the socket with a zero linger time, which sends RST.
         """
+        self.server._untrack(self.sock)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.sock.shutdown(socket.SHUT_RD)
@@ -168,6 +179,7 @@ class UpstreamConnection:
         self.closed.wait(5 * UNIT)
 
     def close(self) -> None:
+        self.server._untrack(self.sock)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -176,10 +188,10 @@ class UpstreamConnection:
         self.closed.set()
 
     def stop_reading(self) -> None:
-        """Stop reading and answering anything, keeping the TCP connection open.
+        """Stop reading and responding, keeping the TCP connection open.
 
         The frame that serve() may be blocked on when this is called is still
-        read, but it gets no answer.
+        read, but it gets no response.
         """
         self.answer_pings = False
         self.reading = False
@@ -217,12 +229,12 @@ class UpstreamConnection:
             pass
         finally:
             self.closed_at = time.monotonic()
+            self.server._untrack(self.sock)
             self.closed.set()
             try:
                 self.sock.close()
             except OSError:
                 pass
-            self.server._connection_ended(self)
 
 
 class FakeUpstream:
@@ -231,6 +243,12 @@ class FakeUpstream:
     ``reject_with`` makes handshakes fail with an HTTP status and body, and
     ``frozen`` stops it answering anything (handshakes and pings) while keeping
     TCP open. It records how many connections were open at once.
+
+    ``max_open`` counts connections as a server sees them: a connection is
+    open from its accept until this server closes or resets it, or until the
+    client's FIN or RST has arrived. Arrival is checked in the kernel at each
+    accept, so a client that closed its old socket before connecting again is
+    never counted twice, however late this server's threads run.
     """
 
     def __init__(self) -> None:
@@ -241,8 +259,8 @@ class FakeUpstream:
         self.port = self.listener.getsockname()[1]
         self.url = f"ws://127.0.0.1:{self.port}/events"
         self.reject_with: tuple[int, bytes] | None = None
-        # Answers for the next handshakes, one (status, body) each, used before
-        # reject_with; an empty list means accept.
+        # Responses to the next handshakes, one (status, body) each, used before
+        # reject_with. An empty list means accept.
         self.reject_next: list[tuple[int, bytes]] = []
         # While True, each handshake request is answered with a TCP RST.
         self.reset_handshakes = False
@@ -253,8 +271,9 @@ class FakeUpstream:
         self.connections: list[UpstreamConnection] = []
         self.handshakes = 0
         self.rejections = 0
-        self.open_now = 0
         self.max_open = 0
+        # Sockets that count as open connections, handshake phase included.
+        self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._running = True
@@ -271,16 +290,15 @@ class FakeUpstream:
             threading.Thread(target=self._handshake, args=(sock,), daemon=True).start()
 
     def _handshake(self, sock: socket.socket) -> None:
-        with self._lock:
-            self.open_now += 1
-            self.max_open = max(self.max_open, self.open_now)
+        with self._changed:
+            self._open = {tracked for tracked in self._open if not _peer_closed(tracked)}
+            self._open.add(sock)
+            self.max_open = max(self.max_open, len(self._open))
             self.handshakes += 1
             self.handshake_times.append(time.monotonic())
-        counted = True
         try:
             if self.frozen:
-                self._held.append(sock)
-                counted = False  # released in close()
+                self._held.append(sock)  # counted until close()
                 return
             request = b""
             while b"\r\n\r\n" not in request:
@@ -291,6 +309,7 @@ class FakeUpstream:
             if self.reset_handshakes:
                 with self._lock:
                     self.handshake_resets += 1
+                self._untrack(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
                 return
@@ -304,6 +323,7 @@ class FakeUpstream:
                     f"HTTP/1.1 {status} Rejected\r\nContent-Type: text/html\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
                 )
+                self._untrack(sock)
                 sock.close()
                 return
             key = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", request).group(1)
@@ -316,23 +336,24 @@ class FakeUpstream:
             with self._changed:
                 self.connections.append(connection)
                 self._changed.notify_all()
-            counted = False  # serve() decrements when the connection ends
             connection.serve()
         except (OSError, ConnectionError, AttributeError):
+            self._untrack(sock)
             try:
                 sock.close()
             except OSError:
                 pass
-        finally:
-            if counted:
-                with self._changed:
-                    self.open_now -= 1
-                    self._changed.notify_all()
 
-    def _connection_ended(self, connection: UpstreamConnection) -> None:
+    def _untrack(self, sock: socket.socket) -> None:
+        """Stop counting ``sock`` as an open connection."""
         with self._changed:
-            self.open_now -= 1
+            self._open.discard(sock)
             self._changed.notify_all()
+
+    @property
+    def open_now(self) -> int:
+        with self._lock:
+            return len(self._open)
 
     def wait_connection(self, number: int, timeout: float) -> UpstreamConnection:
         """Wait for the ``number``-th accepted websocket connection (1-based)."""
@@ -609,6 +630,20 @@ class FrameParser:
         return opcode, payload, fin
 
 
+def upgrade_request(key: str, path: str = "/relay", headers: dict[str, str] | None = None) -> bytes:
+    """Return a websocket upgrade request; ``headers`` add to or replace the defaults."""
+    fields = {
+        "Host": "127.0.0.1",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": key,
+        "Sec-WebSocket-Version": "13",
+    }
+    fields.update(headers or {})
+    lines = [f"GET {path} HTTP/1.1"] + [f"{name}: {value}" for name, value in fields.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 class RawWebSocket:
     """A websocket client on a plain socket, for tests that control every byte.
 
@@ -637,22 +672,9 @@ class RawWebSocket:
         if handshake:
             self.handshake(path, headers)
 
-    def request_bytes(self, path: str = "/relay", headers: dict[str, str] | None = None) -> bytes:
-        """Return an upgrade request; ``headers`` add to or replace the defaults."""
-        fields = {
-            "Host": "127.0.0.1",
-            "Upgrade": "websocket",
-            "Connection": "Upgrade",
-            "Sec-WebSocket-Key": self.key,
-            "Sec-WebSocket-Version": "13",
-        }
-        fields.update(headers or {})
-        lines = [f"GET {path} HTTP/1.1"] + [f"{name}: {value}" for name, value in fields.items()]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
     def handshake(self, path: str = "/relay", headers: dict[str, str] | None = None) -> int:
         """Send the upgrade request and read the response head; return the status code."""
-        self.sock.sendall(self.request_bytes(path, headers))
+        self.sock.sendall(upgrade_request(self.key, path, headers))
         return self.read_response_head()
 
     def read_response_head(self) -> int:
@@ -768,6 +790,21 @@ def process_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def sockets_in_close_wait(remote_port: int) -> int:
+    """Count IPv4 TCP sockets on this host in CLOSE_WAIT towards 127.0.0.1:``remote_port``.
+
+    CLOSE_WAIT means the peer closed and the owner has not: a socket the owner
+    forgot to close.
+    """
+    count = 0
+    with open("/proc/net/tcp", encoding="ascii") as handle:
+        for line in handle.read().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == remote_port and fields[3] == "08":
+                count += 1
+    return count
+
+
 def handles_signal(pid: int, signum: int) -> bool:
     """Return True once the process has installed a handler for ``signum`` (SigCgt in /proc)."""
     try:
@@ -841,9 +878,32 @@ class RelayCase(unittest.TestCase):
     def client_count(self) -> int:
         return self.relay.get("/api/clients")[1]["count"]
 
+    def line_time(self, pattern: str) -> float:
+        """Return when the test process read the first log line matching ``pattern``."""
+        regex = re.compile(pattern)
+        for stamp, line in zip(list(self.relay.line_times), list(self.relay.lines)):
+            if regex.search(line):
+                return stamp
+        self.fail(f"no log line matches {pattern!r}")
+
     def count_lines(self, pattern: str) -> int:
         regex = re.compile(pattern)
         return sum(1 for line in list(self.relay.lines) if regex.search(line))
+
+    def baseline_process(self) -> dict[str, Any]:
+        """Return /status process details with the fewest threads and descriptors seen over 0.5 UNIT.
+
+        A request thread from the previous HTTP request may still be ending
+        when one sample is taken, so a single sample can be one too high.
+        """
+        samples = []
+        for _ in range(5):
+            samples.append(self.process())
+            time.sleep(0.1 * UNIT)
+        baseline = dict(samples[-1])
+        baseline["threads"] = min(sample["threads"] for sample in samples)
+        baseline["openFds"] = min(sample["openFds"] for sample in samples)
+        return baseline
 
     def wait_process_back(self, baseline: dict[str, Any], timeout: float, thread_slack: int = 0, fd_slack: int = 0) -> dict[str, Any]:
         """Wait until threads and open descriptors are back within slack of ``baseline``."""

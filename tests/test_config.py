@@ -181,6 +181,139 @@ class ConfigErrorTest(unittest.TestCase):
         self.assertIn("UTF-8", str(raised.exception))
 
 
+# One row per key: (section, key, value of the wrong type, out-of-range value or
+# None when the key has no range, text the message must contain).
+EVERY_KEY = [
+    ("server", "host", "bad host", None, "IP address or host name"),
+    ("server", "port", "http", "65536", "a whole number from 0 to 65535"),
+    ("server", "backlog", "many", "0", "a whole number from 1 to 65535 connections"),
+    ("server", "header_timeout", "soon", "0.05", "a number from 0.1 to 3600 seconds"),
+    ("server", "max_header_bytes", "big", "1023", "a whole number from 1024 to 1048576 bytes"),
+    ("server", "shutdown_timeout", "later", "601", "a number from 0.1 to 600 seconds"),
+    ("upstream", "url", "http://example.invalid/", None, "ws:// or wss://"),
+    ("upstream", "connect_timeout", "10s", "0", "a number from 0.1 to 600 seconds"),
+    ("upstream", "ping_interval", "often", "3601", "a number from 0 to 3600 seconds"),
+    ("upstream", "ping_timeout", "1,5", "0.05", "a number from 0.1 to 3600 seconds"),
+    ("upstream", "stall_timeout", "never", "-1", "a number from 0 to 86400 seconds"),
+    ("upstream", "backoff_initial", "one", "0.001", "a number from 0.01 to 3600 seconds"),
+    ("upstream", "backoff_multiplier", "double", "0.5", "a number from 1 to 100"),
+    ("upstream", "backoff_max", "1m", "86401", "a number from 0.01 to 86400 seconds"),
+    ("upstream", "backoff_reset_after", "x", "-0.5", "a number from 0 to 86400 seconds"),
+    ("upstream", "max_frame_bytes", "16MB", "65535", "a whole number from 65536 to 1073741824 bytes"),
+    ("clients", "max_clients", "all", "0", "a whole number from 1 to 100000 clients"),
+    ("clients", "max_clients_per_ip", "2.5", "100001", "a whole number from 0 to 100000 clients"),
+    ("clients", "queue_max_bytes", "lots", "4294967297", "a whole number from 65536 to 4294967296 bytes"),
+    ("clients", "queue_max_frames", "many", "10000001", "a whole number from 1 to 10000000 frames"),
+    ("clients", "send_timeout", "30 s", "0", "a number from 0.1 to 3600 seconds"),
+    ("clients", "ping_interval", "often", "inf", "a number from 0.1 to 3600 seconds"),
+    ("clients", "max_message_bytes", "64k", "124", "a whole number from 125 to 16777216 bytes"),
+    ("clients", "message_rate", "fast", "0.01", "a number from 0.1 to 100000 messages/second"),
+    ("clients", "message_burst", "1e3", "0", "a whole number from 1 to 1000000 messages"),
+    ("clients", "close_timeout", "2s", "601", "a number from 0.01 to 600 seconds"),
+    ("security", "token", "short", None, "shorter than 16 characters"),
+    ("security", "token_file", "relative/token", None, "absolute path"),
+    ("security", "allow_unauthenticated", "maybe", None, "yes or no"),
+    ("security", "allowed_origins", "ftp://example.com", None, "scheme://host"),
+    ("logging", "level", "LOUD", None, "DEBUG, INFO, WARNING"),
+    ("logging", "format", "xml", None, "text or json"),
+]
+
+
+class EveryKeyTest(unittest.TestCase):
+    """Every key rejects a wrong type and an out-of-range value with one line naming it."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def test_table_covers_every_key(self) -> None:
+        """EVERY_KEY has exactly one row for each key in FIELDS."""
+        self.assertEqual(sorted((row[0], row[1]) for row in EVERY_KEY), sorted((f.section, f.key) for f in FIELDS))
+
+    def test_wrong_type_and_range(self) -> None:
+        """Each bad value yields one line with the file, section, key, value and allowed range."""
+        secret = {(f.section, f.key) for f in FIELDS if f.secret}
+        for section, key, wrong, out_of_range, expected in EVERY_KEY:
+            for value in (wrong, out_of_range):
+                if value is None:
+                    continue
+                with self.subTest(key=f"[{section}] {key}", value=value):
+                    path = write_config(self.tmp.name, f"[{section}]\n{key} = {value}\n")
+                    with self.assertRaises(ConfigError) as raised:
+                        load_settings(path, environ={})
+                    message = str(raised.exception)
+                    self.assertNotIn("\n", message)
+                    self.assertIn(path, message)
+                    self.assertIn(f"[{section}]", message)
+                    self.assertIn(key, message)
+                    self.assertIn(expected, message)
+                    if (section, key) in secret:
+                        self.assertNotIn(repr(value), message)
+                    else:
+                        self.assertIn(repr(value), message)
+
+
+def unreadable_path(directory: str) -> str | None:
+    """Return a path this process cannot open for reading, or None.
+
+    As root, permission bits do not stop a read, but write-only sysctl files
+    do: the kernel checks their owner bits even for root.
+    """
+    if os.geteuid() != 0:
+        path = write_config(directory, "[server]\n", "unreadable.conf")
+        os.chmod(path, 0)
+        return path
+    for candidate in ("/proc/sys/vm/compact_memory", "/proc/sys/vm/drop_caches"):
+        try:
+            with open(candidate, encoding="utf-8"):
+                pass
+        except PermissionError:
+            return candidate
+        except OSError:
+            continue
+    return None
+
+
+class ConfigExitTest(unittest.TestCase):
+    """The real process exits 78 with one stderr line for each kind of bad configuration."""
+
+    def run_relay(self, path: str) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k not in ("PORT", "BACKPACK_WS_URL", "LOG_LEVEL")}
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "-c", path], cwd=str(ROOT), env=environ, capture_output=True, text=True, timeout=30
+        )
+
+    def assert_one_line(self, result: subprocess.CompletedProcess[str], *parts: str) -> None:
+        self.assertEqual(result.returncode, EX_CONFIG, result.stderr)
+        self.assertEqual(result.stdout, "")
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertTrue(lines[0].startswith("bptf-relay: invalid configuration: "), lines[0])
+        for part in parts:
+            self.assertIn(part, lines[0])
+
+    def test_exit_78_one_line(self) -> None:
+        """Out-of-range value, unknown key and unknown section each exit 78 with one line."""
+        cases = [
+            ("[upstream]\nbackoff_max = 0\n", ["[upstream]", "backoff_max = '0'", "too small", "from 0.01 to 86400 seconds"]),
+            ("[clients]\nsend_timout = 5\n", ["[clients]", "unknown key 'send_timout'", "send_timeout"]),
+            ("[client]\nsend_timeout = 5\n", ["unknown section [client]", "[clients]"]),
+        ]
+        with tempfile.TemporaryDirectory() as directory:
+            for text, parts in cases:
+                with self.subTest(config=text):
+                    path = write_config(directory, text)
+                    self.assert_one_line(self.run_relay(path), path, *parts)
+
+    def test_unreadable_file_exits_78(self) -> None:
+        """A file the process cannot read exits 78 with one line naming it."""
+        with tempfile.TemporaryDirectory() as directory:
+            path = unreadable_path(directory)
+            if path is None:
+                self.skipTest("no unreadable file available to this user")
+            self.assert_one_line(self.run_relay(path), path, "not readable")
+
+
 class CommandLineTest(unittest.TestCase):
     """The real ``python -m relay`` entry point: exit statuses and output."""
 
