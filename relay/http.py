@@ -130,6 +130,9 @@ class RelayRequestHandler(WSGIRequestHandler):
             super().handle_one_request()
         finally:
             HEADER_DEADLINES.discard(self)
+            environ = getattr(self, "environ", None)
+            if environ is not None and environ.get("relay.upgraded"):
+                self.close_connection = True
 
     def header_timed_out(self) -> None:
         logger.info(
@@ -149,7 +152,13 @@ class RelayRequestHandler(WSGIRequestHandler):
         original = self.rfile
         self.rfile = _LimitedReader(original, self.max_header_bytes - len(self.raw_requestline))
         try:
-            return super().parse_request()
+            parsed = super().parse_request()
+            if parsed and self.request_version == "HTTP/0.9":
+                # http.server would answer HTTP/0.9 with a bare body.
+                self.request_version = "HTTP/1.1"
+                self.send_error(505, "HTTP/0.9 is not supported; send HTTP/1.1")
+                return False
+            return parsed
         except HeadersTooLarge:
             self.send_error(431, f"request line and headers exceed {self.max_header_bytes} bytes")
             return False
@@ -183,8 +192,10 @@ class RelayRequestHandler(WSGIRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         if logger.isEnabledFor(logging.DEBUG):
+            # The query string may carry the access token, in any encoding.
+            path = getattr(self, "path", "").split("?", 1)[0]
             logger.debug(
-                "%s %r %s %s", self.client_address[0], getattr(self, "requestline", ""), code, size
+                "%s %s %r %s %s", self.client_address[0], getattr(self, "command", ""), path, code, size
             )
 
     def log_error(self, format: str, *args: Any) -> None:
@@ -236,7 +247,8 @@ class RelayApp:
         return self.relay.settings
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        path = environ.get("PATH_INFO", "")
+        # WSGI passes the path as latin-1 text holding the raw bytes.
+        path = environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "replace")
         method = environ.get("REQUEST_METHOD", "GET")
         rejection = self._check_access(environ, path)
         if rejection is not None:
@@ -249,6 +261,18 @@ class RelayApp:
     def _check_access(self, environ: dict[str, Any], path: str) -> Response | None:
         policy = self.relay.access
         address = environ.get("REMOTE_ADDR", "?")
+        if path not in OPEN_PATHS and not policy.host_allowed(environ):
+            self.relay.count_rejection("host")
+            logger.warning(
+                "rejected %s from %s: Host %r is not an IP address, localhost or in "
+                "[server] allowed_hosts",
+                path,
+                address,
+                environ.get("HTTP_HOST", "")[:200],
+            )
+            return error_response(
+                403, "this Host name is not allowed; add it to [server] allowed_hosts"
+            )
         if path not in OPEN_PATHS and not policy.origin_allowed(environ):
             self.relay.count_rejection("origin")
             logger.warning(
@@ -338,35 +362,45 @@ class RelayApp:
         registry = relay.registry
         address = environ.get("REMOTE_ADDR", "?")
         rejection = self._check_handshake(environ)
-        per_ip = self.settings.clients_max_clients_per_ip
-        if rejection is None and per_ip and registry.count_from(address) >= per_ip:
-            relay.count_rejection("max_clients_per_ip")
-            logger.warning(
-                "rejected websocket from %s: max_clients_per_ip (%d) reached", address, per_ip
-            )
-            rejection = error_response(
+        if rejection is None and relay.stopping:
+            rejection = error_response(503, "the relay is shutting down", {"Retry-After": "5"})
+        if rejection is None:
+            rejection = self._reserve_slot(address)
+        if rejection is not None:
+            return rejection(environ, start_response)
+        try:
+            return self._serve_websocket(environ, address)
+        finally:
+            # The writer thread is done with the socket; Werkzeug must not
+            # read leftover client bytes from it as a new HTTP request.
+            environ["relay.upgraded"] = True
+
+    def _reserve_slot(self, address: str) -> Response | None:
+        settings = self.settings
+        per_ip = settings.clients_max_clients_per_ip
+        cap = self.relay.registry.reserve(address, settings.clients_max_clients, per_ip)
+        if cap is None:
+            return None
+        self.relay.count_rejection(cap)
+        limit = per_ip if cap == "max_clients_per_ip" else settings.clients_max_clients
+        logger.warning("rejected websocket from %s: %s (%d) reached", address, cap, limit)
+        if cap == "max_clients_per_ip":
+            return error_response(
                 429,
                 f"this address already has {per_ip} connections, the most allowed; "
                 "close one or raise [clients] max_clients_per_ip",
                 {"Retry-After": "5"},
             )
-        if rejection is None and registry.count() >= self.settings.clients_max_clients:
-            relay.count_rejection("max_clients")
-            logger.warning(
-                "rejected websocket from %s: max_clients (%d) reached",
-                address,
-                self.settings.clients_max_clients,
-            )
-            rejection = error_response(
-                503,
-                f"the relay is serving its maximum of {self.settings.clients_max_clients} "
-                "clients; retry later",
-                {"Retry-After": "5"},
-            )
-        if rejection is None and relay.stopping:
-            rejection = error_response(503, "the relay is shutting down", {"Retry-After": "5"})
-        if rejection is not None:
-            return rejection(environ, start_response)
+        return error_response(
+            503,
+            f"the relay is serving its maximum of {settings.clients_max_clients} "
+            "clients; retry later",
+            {"Retry-After": "5"},
+        )
+
+    def _serve_websocket(self, environ: dict[str, Any], address: str) -> Any:
+        relay = self.relay
+        registry = relay.registry
 
         raw = environ["werkzeug.socket"]
         client_id = registry.next_id()
@@ -400,6 +434,7 @@ class RelayApp:
             )
         except Exception as error:  # noqa: BLE001 - wsproto raises several types
             logger.info("websocket handshake with %s failed: %s", address, error)
+            registry.release(address)
             client.abort()
             raise ConnectionError("websocket handshake failed") from None
         client.ws = ws

@@ -29,6 +29,10 @@ class Registry:
         self._lock = threading.Lock()
         self._clients: dict[int, Client] = {}
         self._snapshot: tuple[Client, ...] = ()
+        # Slots taken by reserve() before the handshake, so concurrent
+        # connects cannot overshoot max_clients or max_clients_per_ip.
+        self._pending = 0
+        self._per_address: Counter[str] = Counter()
         self._next_id = 1
         self.accepted_total = 0
         # Counted when a client starts closing, under a lock of its own,
@@ -46,6 +50,32 @@ class Registry:
             self._next_id += 1
             return client_id
 
+    def reserve(self, address: str, max_clients: int, max_per_address: int) -> str | None:
+        """Take a client slot for ``address``, or return the name of the cap reached.
+
+        A reserved slot becomes the client's in ``add`` or is given back with
+        ``release``. ``max_per_address`` 0 means no per-address cap.
+        """
+        with self._lock:
+            if max_per_address and self._per_address[address] >= max_per_address:
+                return "max_clients_per_ip"
+            if len(self._clients) + self._pending >= max_clients:
+                return "max_clients"
+            self._pending += 1
+            self._per_address[address] += 1
+            return None
+
+    def release(self, address: str) -> None:
+        """Give back a slot from ``reserve`` whose handshake failed."""
+        with self._lock:
+            self._pending -= 1
+            self._forget_address(address)
+
+    def _forget_address(self, address: str) -> None:
+        self._per_address[address] -= 1
+        if self._per_address[address] <= 0:
+            del self._per_address[address]
+
     def add(self, client: Client, greeting: Callable[[int], bytes] | None = None) -> int:
         """Start fanning frames out to ``client``; return the new client count.
 
@@ -57,6 +87,7 @@ class Registry:
             if greeting is not None:
                 client.send(greeting(len(self._clients) + 1))
             self._clients[client.id] = client
+            self._pending -= 1
             self._snapshot = tuple(self._clients.values())
             self.accepted_total += 1
             return len(self._clients)
@@ -66,6 +97,7 @@ class Registry:
         with self._lock:
             if self._clients.pop(client.id, None) is None:
                 return len(self._clients)
+            self._forget_address(client.address)
             self._snapshot = tuple(self._clients.values())
             self._departed_frames += client.frames_sent
             self._departed_bytes += client.bytes_sent
@@ -82,8 +114,6 @@ class Registry:
     def count(self) -> int:
         return len(self._snapshot)
 
-    def count_from(self, address: str) -> int:
-        return sum(1 for client in self._snapshot if client.address == address)
 
     def broadcast(self, frame: bytes, upstream: bool = True, received_at: float | None = None) -> None:
         """Send one encoded frame to every client without blocking on a socket.
@@ -130,19 +160,19 @@ class Keepalive(threading.Thread):
     def __init__(
         self,
         registry: Registry,
-        interval: float,
+        interval: Callable[[], float],
         stop: threading.Event,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="keepalive", daemon=True)
         self._registry = registry
+        # Read on every tick, because a SIGHUP reload may change it.
         self._interval = interval
         self._stop_event = stop
         self._on_tick = on_tick
 
     def run(self) -> None:
-        tick = min(1.0, self._interval / 4)
-        while not self._stop_event.wait(tick):
+        while not self._stop_event.wait(min(1.0, self._interval() / 4)):
             now = time.monotonic()
             for client in self._registry.clients():
                 client.check_keepalive(now)
