@@ -66,6 +66,13 @@ FIELDS: tuple[Field, ...] = (
         "time a client has to send its request line and headers", "seconds", 0.1, 3600,
     ),
     Field(
+        "server", "allowed_hosts", "hosts", "",
+        "space-separated host names clients may use in the Host header besides IP "
+        "addresses and localhost, or * for any; other names get 403, which stops "
+        "DNS-rebinding web pages",
+        example="relay.example.com",
+    ),
+    Field(
         "server", "max_header_bytes", "int", 16 * KIB,
         "largest request line plus headers; larger requests get HTTP 431",
         "bytes", 1024, 1 * MIB,
@@ -313,6 +320,14 @@ def _parse_origins(text: str) -> str:
     return " ".join(origin.rstrip("/") for origin in origins)
 
 
+def _parse_hosts(text: str) -> str:
+    names = text.split()
+    for name in names:
+        if name != "*":
+            _parse_host(name)
+    return " ".join(name.lower() for name in names)
+
+
 def _parse_path(text: str) -> str:
     if text and not os.path.isabs(text):
         raise ValueError("expected an absolute path such as /etc/bptf-relay/token")
@@ -336,6 +351,7 @@ PARSERS: dict[str, Callable[[Field, str], Any]] = {
     "bool": lambda field, text: _parse_bool(text),
     "origins": lambda field, text: _parse_origins(text),
     "path": lambda field, text: _parse_path(text),
+    "hosts": lambda field, text: _parse_hosts(text),
     "str": lambda field, text: text,
 }
 
@@ -373,8 +389,8 @@ def read_file(path: str) -> dict[tuple[str, str], tuple[str, str]]:
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not valid UTF-8 at byte {error.start}; save it as UTF-8") from None
     except configparser.Error as error:
-        first_line = str(error).splitlines()[0]
-        raise ConfigError(f"{path}: invalid INI syntax: {first_line}") from None
+        detail = " ".join(line.strip() for line in str(error).splitlines())
+        raise ConfigError(f"{path}: invalid INI syntax: {detail}") from None
 
     values: dict[tuple[str, str], tuple[str, str]] = {}
     for section in parser.sections():
@@ -443,6 +459,14 @@ def read_token_file(token_path: str, origin: str) -> str:
     return token
 
 
+def redact_url(url: str) -> str:
+    """Return ``url`` with any user:password@ part replaced by ``***@``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -505,6 +529,8 @@ def describe(settings: Any) -> str:
             value = getattr(settings, field.attr)
             if field.secret and value:
                 shown = "********"
+            elif field.kind == "url":
+                shown = redact_url(value)
             else:
                 shown = _format_value(value)
             lines.append(f"{field.key} = {shown}")

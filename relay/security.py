@@ -9,6 +9,7 @@ checks need no secret.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,6 +24,9 @@ class AccessPolicy:
 
     def __init__(self, settings: Any) -> None:
         self.token = settings.security_token or ""
+        hosts = settings.server_allowed_hosts.split()
+        self.any_host = "*" in hosts
+        self.hosts = frozenset(hosts)
         origins = settings.security_allowed_origins.split()
         self.any_origin = "*" in origins
         self.origins = frozenset(origin.lower() for origin in origins if origin != "*")
@@ -40,13 +44,32 @@ class AccessPolicy:
             return False
         return hmac.compare_digest(presented.encode("utf-8"), self.token.encode("utf-8"))
 
+    def host_allowed(self, environ: dict[str, Any]) -> bool:
+        """Return True if the Host header names an IP address, localhost or an allowed name.
+
+        A DNS-rebinding page reaches the relay under its own host name; this
+        check stops it even on requests that carry no Origin header.
+        """
+        if self.any_host:
+            return True
+        host = environ.get("HTTP_HOST", "")
+        name = urlsplit(f"//{host}").hostname or ""
+        if name in ("localhost", "") or name in self.hosts:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
     def origin_allowed(self, environ: dict[str, Any]) -> bool:
         """Return True unless the request names a foreign Origin that is not allowed.
 
         Allowed: no Origin header, an Origin listed in allowed_origins (or
         ``*``), and a same-origin Origin whose host and port equal the Host
         header. websocket-client, for one, sends the latter by default; a
-        browser page on another site never does.
+        browser page on another site never does, unless it rebinds DNS, which
+        ``host_allowed`` catches.
         """
         origin = environ.get("HTTP_ORIGIN")
         if origin is None or self.any_origin:
