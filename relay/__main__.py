@@ -97,14 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     relay = Relay(settings, stop_event=STOP_REQUESTED, load_settings=reload_settings)
     relay.reload_requested = RELOAD_REQUESTED
+    relay.received_signals = RECEIVED_SIGNALS
     try:
         relay.start()
     except StartupError as error:
         logger.error("%s", error)
         return 1
     relay.run()
-    if RECEIVED_SIGNALS:
-        logger.debug("stopped by %s", signal.Signals(RECEIVED_SIGNALS[0]).name)
     return 0
 
 

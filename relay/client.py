@@ -40,6 +40,7 @@ from .frames import (
     CLOSE_SLOW_CONSUMER,
     CLOSE_UNSUPPORTED_DATA,
     OPCODE_CLOSE,
+    OPCODE_PONG,
     PING_FRAME,
     encode_close,
     relay_message,
@@ -182,8 +183,8 @@ class Client:
         self.frames_sent = 0
         self.bytes_sent = 0
         self.frames_dropped = 0
-        self.last_receive = time.monotonic()
-        self._last_ping = time.monotonic()
+        # Equal at first: no ping is outstanding until one is sent.
+        self.last_receive = self._last_ping = time.monotonic()
         self._tokens = float(self._message_burst)
         self._tokens_at = time.monotonic()
 
@@ -197,57 +198,70 @@ class Client:
         when the client is closing or the queue overflowed, in which case the
         client is being closed as a slow consumer.
         """
-        overflow = False
+        accepted, problem = self._enqueue(data, upstream, framed)
+        if problem == "overflow":
+            logger.warning(
+                "client %d (%s) closed as slow consumer: %d bytes in %d frames queued "
+                "(limits %d bytes, %d frames)",
+                self.id,
+                self.address,
+                self.queued_bytes,
+                self.queued_frames,
+                self._queue_max_bytes,
+                self._queue_max_frames,
+            )
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer", CloseCause.SLOW_CONSUMER)
+        elif problem == "rate_limited":
+            self._rate_limited()
+        return accepted
+
+    def _enqueue(self, data: bytes, upstream: bool, framed: bool) -> tuple[bool, str | None]:
+        """Write or queue ``data``; return (accepted, problem to act on after the lock)."""
+        problem: str | None = None
         is_close = framed and _is_close_frame(data)
         with self._cond:
             if self._close_frame_started or self.state is ClientState.CLOSED:
                 if upstream:
                     self.frames_dropped += 1
-                return False
+                return False, None
             if is_close:
                 self._close_frame_started = True
                 if self.state is ClientState.OPEN:
                     self._closed_by_library(data)
+            elif framed and not upstream and (data[0] & 0x0F) == OPCODE_PONG:
+                # Pongs answer a client's pings, which simple-websocket handles
+                # without telling us, so pings count as messages. One write
+                # may carry several pongs.
+                if self._charge_message(_count_pongs(data)):
+                    problem = "rate_limited"
             if not self._queue:
                 written = self._write_now(data)
                 if written is None:
-                    return False
+                    return False, None
                 if written == len(data):
                     self.bytes_sent += written
                     if upstream:
                         self.frames_sent += 1
-                    return True
+                    return True, problem
             else:
                 written = 0
                 frames_after = self.queued_frames + 1
                 bytes_after = self.queued_bytes + len(data)
-                if upstream and (
+                # Every frame but a close counts: a client that floods pings
+                # and never reads would otherwise grow its queue of pongs.
+                if not is_close and (
                     frames_after > self._queue_max_frames
                     or bytes_after > self._queue_max_bytes
                 ):
-                    overflow = True
-            if not overflow:
-                self._queue.append([data, upstream])
-                self._head_offset += written if len(self._queue) == 1 else 0
-                self.bytes_sent += written
-                self.queued_bytes += len(data) - written
-                self.queued_frames += 1
-                self._cond.notify()
-                return True
-            self.frames_dropped += 1
-            queued_bytes = self.queued_bytes
-        logger.warning(
-            "client %d (%s) closed as slow consumer: %d bytes in %d frames queued "
-            "(limits %d bytes, %d frames)",
-            self.id,
-            self.address,
-            queued_bytes,
-            self.queued_frames,
-            self._queue_max_bytes,
-            self._queue_max_frames,
-        )
-        self.close(CLOSE_SLOW_CONSUMER, "slow consumer", CloseCause.SLOW_CONSUMER)
-        return False
+                    self.frames_dropped += 1 if upstream else 0
+                    return False, "overflow"
+            self._queue.append([data, upstream])
+            self._head_offset += written if len(self._queue) == 1 else 0
+            self.bytes_sent += written
+            self.queued_bytes += len(data) - written
+            self.queued_frames += 1
+            self._cond.notify()
+            return True, problem
 
     def send_message(self, message_type: str, **fields: Any) -> bool:
         """Send a relay message (a JSON object) to this client."""
@@ -435,20 +449,31 @@ class Client:
 
     # -- inbound ---------------------------------------------------------------
 
+    def _charge_message(self, count: int = 1) -> bool:
+        """Take ``count`` tokens from the rate-limit bucket; return True if it ran dry.
+
+        The caller holds the lock.
+        """
+        now = time.monotonic()
+        self._tokens = min(
+            float(self._message_burst),
+            self._tokens + (now - self._tokens_at) * self._message_rate,
+        )
+        self._tokens_at = now
+        self._tokens -= count
+        return self._tokens < 0
+
     def message_arrived(self) -> None:
         """Count one inbound message against the rate limit; reader thread."""
-        now = time.monotonic()
         with self._cond:
-            self._tokens = min(
-                float(self._message_burst),
-                self._tokens + (now - self._tokens_at) * self._message_rate,
-            )
-            self._tokens_at = now
-            self._tokens -= 1
-            limited = self._tokens < 0
+            limited = self._charge_message()
             self._messages_pending = True
             self._cond.notify()
-        if limited and self.state is ClientState.OPEN:
+        if limited:
+            self._rate_limited()
+
+    def _rate_limited(self) -> None:
+        if self.state is ClientState.OPEN:
             logger.warning(
                 "client %d (%s) closed: more than %g messages/s (burst %d)",
                 self.id,
@@ -510,7 +535,13 @@ class Client:
         if self.state is not ClientState.OPEN:
             return False
         silent = now - self.last_receive
-        if silent > 2 * self._ping_interval:
+        # Close only once a ping sent after the last byte received has had a
+        # full interval to be answered; after a reload that shortens the
+        # interval, a client must first get a ping.
+        ping_unanswered = self._last_ping > self.last_receive and (
+            now - self._last_ping >= self._ping_interval
+        )
+        if silent > 2 * self._ping_interval and ping_unanswered:
             logger.info(
                 "client %d (%s) closed: nothing received for %.1f s (ping interval %g s)",
                 self.id,
@@ -607,3 +638,17 @@ class Client:
 
 def _is_close_frame(data: bytes) -> bool:
     return bool(data) and (data[0] & 0x0F) == OPCODE_CLOSE
+
+
+def _count_pongs(data: bytes) -> int:
+    """Count the pong frames in ``data``, a run of unmasked control frames."""
+    count = 0
+    position = 0
+    while position + 2 <= len(data):
+        length = data[position + 1] & 0x7F
+        if length > 125:
+            break  # not a control frame; nothing simple-websocket writes
+        if data[position] & 0x0F == OPCODE_PONG:
+            count += 1
+        position += 2 + length
+    return max(count, 1)

@@ -58,6 +58,8 @@ class Relay:
         # Re-reads the same file, environment and flags; used on SIGHUP.
         self._load_settings = load_settings
         self.reload_requested = threading.Event()
+        # Signal numbers recorded by the command line's handlers, for the log.
+        self.received_signals: list[int] = []
         self.registry = Registry(settings, self.latency)
         self.upstream = Upstream(settings, self.registry)
         self.app = RelayApp(self)
@@ -119,9 +121,9 @@ class Relay:
         self.upstream.start()
         self._keepalive = Keepalive(
             self.registry,
-            self.settings.clients_ping_interval,
+            lambda: self.settings.clients_ping_interval,
             self._stop_event,
-            on_tick=self._publish_status if self.notifier.enabled else None,
+            on_tick=self._tick,
         )
         self._keepalive.start()
         self.notifier.ready()
@@ -179,6 +181,12 @@ class Relay:
     def _publish_status(self) -> None:
         self.notifier.status(self.status_line())
 
+    def _tick(self) -> None:
+        """Run once a second or faster on the keepalive thread."""
+        self.upstream.check_stuck_in_frame()
+        if self.notifier.enabled:
+            self._publish_status()
+
     def status(self) -> dict[str, Any]:
         """Return the body of ``/status``."""
         registry = self.registry
@@ -229,7 +237,8 @@ class Relay:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
-        logger.info("stop requested; shutting down")
+        names = [signal.Signals(number).name for number in self.received_signals]
+        logger.info("stop requested (%s); shutting down", ", ".join(names) or "request_stop")
         self.shutdown()
 
     def reload(self) -> None:

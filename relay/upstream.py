@@ -28,6 +28,7 @@ from websocket._abnf import continuous_frame  # websocket-client 1.9: not re-exp
 from websocket._dispatcher import DispatcherBase  # websocket-client 1.9: not re-exported
 
 from . import __version__
+from .config import redact_url
 from .frames import OPCODE_BINARY, OPCODE_TEXT, encode_frame
 from .registry import Registry
 
@@ -170,6 +171,8 @@ class Upstream(threading.Thread):
         self.settings = settings
         self.registry = registry
         self.url = settings.upstream_url
+        # For logs, /status and clients: user:password@ in the URL is masked.
+        self.display_url = redact_url(self.url)
         self.backoff = Backoff(
             settings.upstream_backoff_initial,
             settings.upstream_backoff_multiplier,
@@ -260,6 +263,35 @@ class Upstream(threading.Thread):
         )
         return True
 
+    def check_stuck_in_frame(self) -> None:
+        """Cut a connection whose upstream thread is stuck inside one frame.
+
+        Called from another thread. The dispatcher checks for stalls only
+        between frames; an upstream that sends a frame header and then a byte
+        now and then keeps websocket-client reading that frame for ever. Past
+        stall_timeout plus a margin for the dispatcher's own check, this shuts
+        the socket down, so the read fails and the relay reconnects.
+        """
+        timeout = self.settings.upstream_stall_timeout
+        since = self._last_frame_monotonic
+        raw = self._socket
+        if not timeout or since is None or raw is None or self.state is not UpstreamState.CONNECTED:
+            return
+        silent = time.monotonic() - since
+        if silent < timeout + 2 * DISPATCH_TICK + 1.0 or self._stall_detected:
+            return
+        self._stall_detected = True
+        logger.warning(
+            "upstream stalled inside a frame: no complete frame for %.1f s "
+            "(stall_timeout %g s); closing the connection and reconnecting",
+            silent,
+            timeout,
+        )
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     # -- the thread ------------------------------------------------------------
 
     def run(self) -> None:
@@ -287,7 +319,7 @@ class Upstream(threading.Thread):
         self._connected_monotonic = None
         self._last_frame_monotonic = None
         self._set_state(UpstreamState.CONNECTING)
-        logger.debug("connecting to %s (attempt %d)", self.url, self.attempt)
+        logger.debug("connecting to %s (attempt %d)", self.display_url, self.attempt)
         app = _App(
             self,
             url=self.url,
@@ -400,8 +432,8 @@ class Upstream(threading.Thread):
         self.last_error = ""
         self._set_state(UpstreamState.CONNECTED)
         self._tune_socket(app)
-        logger.info("upstream connected to %s (attempt %d)", self.url, self.attempt)
-        self.registry.broadcast_message("backpack_connected", url=self.url)
+        logger.info("upstream connected to %s (attempt %d)", self.display_url, self.attempt)
+        self.registry.broadcast_message("backpack_connected", url=self.display_url)
 
     def _tune_socket(self, app: websocket.WebSocketApp) -> None:
         raw = app.sock.sock if app.sock is not None else None
@@ -490,7 +522,7 @@ class Upstream(threading.Thread):
             # A close frame from the server; _on_close records it.
             self._disconnect_cause = "closed_by_server"
             return
-        text, cause = describe_error(error, self.url)
+        text, cause = describe_error(error, self.display_url)
         self.last_error = text
         if self._connected_monotonic is not None:
             self._disconnect_cause = cause
@@ -534,7 +566,7 @@ class Upstream(threading.Thread):
         if self.next_retry_at is not None:
             retry_in = max(0.0, round(self.next_retry_at - time.time(), 3))
         return {
-            "url": self.url,
+            "url": self.display_url,
             "state": self.state.value,
             "connected": self.connected,
             "connectedSince": self.connected_since if self.connected else None,
