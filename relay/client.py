@@ -48,8 +48,10 @@ from .frames import (
 
 logger = logging.getLogger(__name__)
 
-# Buffers passed to one sendmsg() call; Linux allows 1024 (IOV_MAX).
-SENDMSG_MAX_BUFFERS = 512
+# Buffers passed to one sendmsg() call (Linux allows 1024, IOV_MAX). A socket
+# rarely takes more than a few MB per call, so a small batch saves building
+# views of frames that will not be written yet.
+SENDMSG_MAX_BUFFERS = 64
 # Longest a blocked writer sleeps before it re-checks close requests.
 WAIT_SLICE = 0.5
 
