@@ -45,6 +45,43 @@ ENDPOINTS = {
 }
 
 
+class RejectionLog:
+    """Log rejected requests at WARNING, at most ``burst`` lines per reason a minute.
+
+    A scanner or a misconfigured bot can cause thousands of rejections. Past
+    the burst, lines are only counted, and the count is logged with the first
+    rejection of that reason after the minute. /metrics counts every one.
+    """
+
+    def __init__(self, burst: int = 5, window: float = 60.0) -> None:
+        self._burst = burst
+        self._window = window
+        self._lock = threading.Lock()
+        # reason -> [window start, lines logged, lines suppressed]
+        self._state: dict[str, list[float]] = {}
+
+    def warning(self, reason: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            state = self._state.setdefault(reason, [now, 0, 0])
+            suppressed = 0
+            if now - state[0] >= self._window:
+                suppressed = int(state[2])
+                state[:] = [now, 0, 0]
+            allowed = state[1] < self._burst
+            if allowed:
+                state[1] += 1
+            else:
+                state[2] += 1
+        if suppressed:
+            logger.warning("%d more %s rejections in the last %g s were not logged", suppressed, reason, self._window)
+        if allowed:
+            logger.warning(message, *args)
+
+
+REJECTIONS = RejectionLog()
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
     return Response(text + "\n", status=status, mimetype="application/json", headers=headers)
@@ -263,7 +300,8 @@ class RelayApp:
         address = environ.get("REMOTE_ADDR", "?")
         if path not in OPEN_PATHS and not policy.host_allowed(environ):
             self.relay.count_rejection("host")
-            logger.warning(
+            REJECTIONS.warning(
+                "host",
                 "rejected %s from %s: Host %r is not an IP address, localhost or in "
                 "[server] allowed_hosts",
                 path,
@@ -275,7 +313,8 @@ class RelayApp:
             )
         if path not in OPEN_PATHS and not policy.origin_allowed(environ):
             self.relay.count_rejection("origin")
-            logger.warning(
+            REJECTIONS.warning(
+                "origin",
                 "rejected %s from %s: Origin %r is not in [security] allowed_origins",
                 path,
                 address,
@@ -287,7 +326,7 @@ class RelayApp:
             )
         if policy.token_required(path) and not policy.token_valid(environ):
             self.relay.count_rejection("token")
-            logger.warning("rejected %s from %s: missing or wrong access token", path, address)
+            REJECTIONS.warning("token", "rejected %s from %s: missing or wrong access token", path, address)
             return error_response(
                 401,
                 "missing or wrong access token; send 'Authorization: Bearer TOKEN' "
@@ -383,7 +422,7 @@ class RelayApp:
             return None
         self.relay.count_rejection(cap)
         limit = per_ip if cap == "max_clients_per_ip" else settings.clients_max_clients
-        logger.warning("rejected websocket from %s: %s (%d) reached", address, cap, limit)
+        REJECTIONS.warning(cap, "rejected websocket from %s: %s (%d) reached", address, cap, limit)
         if cap == "max_clients_per_ip":
             return error_response(
                 429,

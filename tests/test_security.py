@@ -375,3 +375,17 @@ class JsonLogTest(SecuredRelayTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class RejectionLogTest(SecuredRelayTestCase):
+    sections = {"security": {"token": TOKEN}}
+
+    def test_rejection_lines_rate_limited(self) -> None:
+        """Fifty wrong-token requests log at most five lines, not fifty."""
+        for _ in range(50):
+            self.assertEqual(self.relay.get("/status")[0], 401)
+        self.relay.stop()
+        lines = [line for line in self.relay.lines if "missing or wrong access token" in line]
+        self.assertEqual(len(lines), 5)
+        status_lines = [line for line in self.relay.lines if "rejected" in line]
+        self.assertLessEqual(len(status_lines), 5)
