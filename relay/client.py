@@ -87,6 +87,7 @@ class ClientSocket:
 
     def __init__(self, client: Client) -> None:
         self._client = client
+        self._response_sent = False
 
     def fileno(self) -> int:
         return self._client.sock.fileno()
@@ -97,9 +98,12 @@ class ClientSocket:
         return data
 
     def send(self, data: bytes) -> int:
-        # Until simple_websocket.Server returns, the only write is the 101
-        # response, which is not a websocket frame.
-        self._client.send(bytes(data), framed=self._client.ws is not None)
+        # The first write is the 101 response, which is not a websocket
+        # frame. Every later one is: the reader thread may already answer
+        # pings before simple_websocket.Server has returned.
+        framed = self._response_sent
+        self._response_sent = True
+        self._client.send(bytes(data), framed=framed)
         return len(data)
 
     def close(self) -> None:
