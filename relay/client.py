@@ -157,20 +157,14 @@ class Client:
         self.user_agent = user_agent
         self.sock = sock
         self.connected_at = time.time()
-        self.ws: Any = None  # the simple_websocket.Server, set by attach()
+        self.ws: Any = None  # the simple_websocket.Server, set after the upgrade
 
-        self._queue_max_bytes = settings.clients_queue_max_bytes
-        self._queue_max_frames = settings.clients_queue_max_frames
-        self._send_timeout = settings.clients_send_timeout
-        self._close_timeout = settings.clients_close_timeout
-        self._ping_interval = settings.clients_ping_interval
-        self._message_rate = settings.clients_message_rate
-        self._message_burst = settings.clients_message_burst
+        self._cond = threading.Condition(threading.Lock())
+        self.apply_limits(settings)
         self._on_message = on_message
         # Called once, with the lock held, when the client starts closing.
         self._on_closing = on_closing
 
-        self._cond = threading.Condition(threading.Lock())
         # Items are [data, is_upstream_frame]; the head may be partly written.
         self._queue: deque[list[Any]] = deque()
         self._head_offset = 0
@@ -616,7 +610,10 @@ class Client:
         self.close(CLOSE_GOING_AWAY, reason, CloseCause.SHUTDOWN)
 
     def apply_limits(self, settings: Any) -> None:
-        """Adopt new queue, timeout, ping and rate limits (after a SIGHUP reload)."""
+        """Adopt the queue, timeout, ping and rate limits of ``settings``.
+
+        Called at construction and again after a SIGHUP reload.
+        """
         with self._cond:
             self._queue_max_bytes = settings.clients_queue_max_bytes
             self._queue_max_frames = settings.clients_queue_max_frames
