@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Any, Callable
 
 import websocket
-from websocket._abnf import continuous_frame  # websocket-client 1.9: not re-exported
+from websocket._abnf import continuous_frame, frame_buffer  # websocket-client 1.9: not re-exported
 from websocket._dispatcher import DispatcherBase  # websocket-client 1.9: not re-exported
 
 from . import __version__
@@ -132,6 +132,39 @@ class _Reassembler(continuous_frame):
         return opcode, frame
 
 
+class FrameTooLarge(websocket.WebSocketPayloadException):
+    """An upstream frame announced more bytes than max_frame_bytes."""
+
+
+class _BoundedFrameBuffer(frame_buffer):
+    """websocket-client's frame reader, discarding oversize frames unbuffered.
+
+    When a frame's length header exceeds ``max_bytes``, its payload is read
+    in 64 KiB pieces and thrown away, and the frame continues as an empty
+    one; ``on_dropped`` tells the relay to drop the message it belongs to. An
+    oversize frame so never enters memory, and the connection stays up.
+    """
+
+    def __init__(self, recv: Callable[[int], bytes], max_bytes: int, on_dropped: Callable[[int], None]) -> None:
+        super().__init__(recv, True)
+        self.max_bytes = max_bytes
+        self.on_dropped = on_dropped
+
+    def recv_length(self) -> None:
+        super().recv_length()
+        length = self.length
+        if length is None or length <= self.max_bytes:
+            return
+        if self.has_mask():
+            # Servers never mask frames (RFC 6455, section 5.1).
+            raise FrameTooLarge(f"masked frame of {length} bytes from the server")
+        remaining = length
+        while remaining > 0:
+            remaining -= len(self.recv(min(65536, remaining)))
+        self.length = 0
+        self.on_dropped(length)
+
+
 class _WakeableDispatcher(DispatcherBase):
     """Read loop for ``run_forever`` that can be woken from another thread.
 
@@ -147,9 +180,12 @@ class _WakeableDispatcher(DispatcherBase):
         if self.app.sock is None or self.app.sock.sock is None:
             return
         raw = self.app.sock.sock
-        # No data frame has been read yet, so no fragment is lost by the swap.
-        self.app.sock.cont_frame = _Reassembler(False, True)
+        # No data frame has been read yet, so nothing is lost by the swaps.
         settings = self.upstream.settings
+        self.app.sock.cont_frame = _Reassembler(False, True)
+        self.app.sock.frame_buffer = _BoundedFrameBuffer(
+            self.app.sock._recv, settings.upstream_max_frame_bytes, self.upstream.oversize_frame_skipped
+        )
         tick = dispatch_tick(settings.upstream_ping_interval, settings.upstream_ping_timeout)
         selector = selectors.DefaultSelector()
         selector.register(raw, selectors.EVENT_READ, "upstream")
@@ -224,6 +260,8 @@ class Upstream(threading.Thread):
         self.client_limit_message = ""
         self._client_limit_hit = False
         self._stall_detected = False
+        # Length of an oversize frame read past unbuffered; its message is dropped.
+        self._drop_next_message = 0
         self._disconnect_cause = ""
         self._error_reported = False
 
@@ -337,6 +375,7 @@ class Upstream(threading.Thread):
         if self.attempt > 1:
             self.reconnects += 1
         self._stall_detected = False
+        self._drop_next_message = 0
         self._disconnect_cause = ""
         self._error_reported = False
         self._connected_monotonic = None
@@ -475,12 +514,21 @@ class Upstream(threading.Thread):
             self.frames_dropped["internal_error"] += 1
             logger.exception("dropped upstream frame %d after an internal error", self.frames_in)
 
+    def oversize_frame_skipped(self, length: int) -> None:
+        """Drop the message whose frame of ``length`` bytes was discarded unread."""
+        self._drop_next_message = length
+
     def _forward(self, data: bytes, opcode: int) -> None:
         now = time.monotonic()
         self._last_frame_monotonic = now
         self.last_frame_at = time.time()
         self.frames_in += 1
         self.bytes_in += len(data)
+        if self._drop_next_message:
+            length, self._drop_next_message = self._drop_next_message, 0
+            self._drop("too_large", "frame of %d bytes exceeds max_frame_bytes %d (discarded unread)", length, self.settings.upstream_max_frame_bytes)
+            return
+        # A message fragmented into frames that each fit can still be too large.
         if len(data) > self.settings.upstream_max_frame_bytes:
             self._drop("too_large", "frame of %d bytes exceeds max_frame_bytes %d", len(data), self.settings.upstream_max_frame_bytes)
             return
@@ -552,7 +600,11 @@ class Upstream(threading.Thread):
         if self._connected_monotonic is not None:
             self._disconnect_cause = cause
             logger.warning("upstream connection failed: %s", text)
-        if cause == "ping_timeout":
+        if cause == "frame_too_large":
+            self.frames_dropped["too_large"] += 1
+        if cause in ("ping_timeout", "frame_too_large"):
+            # A dead peer sends no close reply, and a rejected frame's
+            # payload must not be read, so the close must not wait.
             self._stop_reading(app)
         if not self._error_reported:
             self._error_reported = True
@@ -613,6 +665,8 @@ class Upstream(threading.Thread):
 def describe_error(error: BaseException, url: str) -> tuple[str, str]:
     """Return a readable one-line description of a connection error and its cause label."""
     status = getattr(error, "status_code", None)
+    if isinstance(error, FrameTooLarge):
+        return str(error), "frame_too_large"
     if isinstance(error, websocket.WebSocketBadStatusException) and status is not None:
         return f"handshake rejected with HTTP {status}", "handshake_failed"
     if isinstance(error, ConnectionRefusedError):

@@ -193,3 +193,21 @@ class UrlCredentialsTest(RelayCase):
         self.assertNotIn("hunter2secret", message["url"])
         self.relay.stop()
         self.assertNotIn("hunter2secret", self.relay.output)
+
+
+class OversizeFrameTest(RelayCase):
+    sections = {"upstream": {"max_frame_bytes": 1024 * 1024}}
+
+    def test_oversize_frame_never_buffered(self) -> None:
+        """A 64 MiB frame is read past unbuffered and dropped; the connection stays up."""
+        client = self.connect()
+        baseline = self.relay.get("/status")[1]["process"]["rssBytes"]
+        size = 64 * 1024 * 1024
+        self.connection.send_raw(b"\x81\x7f" + size.to_bytes(8, "big") + b"x" * size)
+        self.connection.send_text(b'["after"]')
+        self.assertEqual(client.recv(10 * UNIT)[1], b'["after"]')
+        status = self.relay.get("/status")[1]
+        self.assertEqual(status["traffic"]["upstreamFramesDropped"].get("too_large"), 1)
+        self.assertEqual(status["upstream"]["disconnects"], 0)
+        self.assertEqual(len(self.upstream.connections), 1)
+        self.assertLess(status["process"]["rssBytes"] - baseline, 32 * 1024 * 1024)
