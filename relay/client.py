@@ -3,10 +3,10 @@
 Every byte bound for a client, from any thread, goes through ``Client.send``:
 upstream frames from the fan-out, relay messages, pings from the keepalive
 thread, and the pongs and close frames that simple-websocket's reader thread
-produces (through ``ClientSocket``). ``send`` writes straight to the socket
-without blocking when nothing is queued; otherwise it appends to the client's
-queue, which the client's writer thread (the HTTP request thread that upgraded
-the connection) drains, many frames per system call. A frame is removed from
+produces (through ``ClientSocket``). When nothing is queued, ``send`` writes
+straight to the socket without blocking. Otherwise it appends to the client's
+queue. The client's writer thread, which is the HTTP request thread that
+upgraded the connection, drains the queue many frames per system call. A frame is removed from
 the queue only once it is fully written, so "the queue is empty" means "nothing
 is in flight" and ordering holds without a second flag.
 

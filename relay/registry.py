@@ -1,8 +1,8 @@
 """The set of connected clients and the fan-out of frames to them.
 
 The registry keeps clients in a dict guarded by a lock and publishes an
-immutable tuple snapshot on every change, so ``broadcast`` (called on the
-upstream thread for every frame) takes the lock only to read the snapshot and
+immutable tuple snapshot on every change. ``broadcast`` runs on the upstream
+thread for every frame, so it takes the lock only to read the snapshot and
 iterates without it.
 """
 

@@ -1,9 +1,14 @@
 """Process lifecycle: start the threads, serve, and shut down on a signal.
 
-Threads: ``upstream`` (the Backpack.tf connection), ``http`` (Werkzeug's accept
-loop, which starts one thread per request; a websocket request's thread becomes
-that client's writer, plus simple-websocket starts one reader thread per
-client), ``keepalive`` (pings clients) and, under systemd, ``watchdog``.
+Threads:
+
+- ``upstream``: the Backpack.tf connection.
+- ``http``: Werkzeug's accept loop, which starts one thread per request. A
+  websocket request's thread becomes that client's writer, named
+  ``client-N``, and simple-websocket adds a reader, ``client-N-reader``.
+- ``keepalive``: pings clients and watches for an upstream stuck in a frame.
+- ``header-reaper``: cuts requests whose head is not complete in time.
+- ``watchdog``: under systemd only, pings the watchdog while healthy.
 """
 
 from __future__ import annotations
