@@ -6,9 +6,10 @@ thread, and the pongs and close frames that simple-websocket's reader thread
 produces (through ``ClientSocket``). When nothing is queued, ``send`` writes
 straight to the socket without blocking. Otherwise it appends to the client's
 queue. The client's writer thread, which is the HTTP request thread that
-upgraded the connection, drains the queue many frames per system call. A frame is removed from
-the queue only once it is fully written, so "the queue is empty" means "nothing
-is in flight" and ordering holds without a second flag.
+upgraded the connection, drains the queue many frames per system call. A
+frame is removed from the queue only once it is fully written, so "the queue
+is empty" means "nothing is in flight" and ordering holds without a second
+flag.
 
 The queue is a ``collections.deque`` guarded by the client's ``Condition``
 rather than a ``queue.Queue``, because the fast path has to check "empty" and
