@@ -53,6 +53,10 @@ logger = logging.getLogger(__name__)
 # rarely takes more than a few MB per call, so a small batch saves building
 # views of frames that will not be written yet.
 SENDMSG_MAX_BUFFERS = 64
+# Results of Client.send besides 0 (rejected): written at once, or queued.
+WRITTEN = 2
+QUEUED = 1
+
 # Longest a blocked writer sleeps before it re-checks close requests.
 WAIT_SLICE = 0.5
 
@@ -152,6 +156,7 @@ class Client:
         settings: Any,
         on_message: Callable[[Client, Any], None] | None = None,
         on_closing: Callable[[CloseCause], None] | None = None,
+        latency: Any = None,
     ) -> None:
         self.id = client_id
         self.address = address
@@ -163,10 +168,13 @@ class Client:
         self._cond = threading.Condition(threading.Lock())
         self.apply_limits(settings)
         self._on_message = on_message
+        # metrics.LatencyHistogram for queued upstream frames, or None.
+        self._latency = latency
         # Called once, with the lock held, when the client starts closing.
         self._on_closing = on_closing
 
-        # Items are [data, is_upstream_frame]; the head may be partly written.
+        # Items are [data, is_upstream_frame, received_at or None]; the head
+        # may be partly written.
         self._queue: deque[list[Any]] = deque()
         self._head_offset = 0
         self._drop_backlog = False
@@ -191,15 +199,23 @@ class Client:
 
     # -- writing ---------------------------------------------------------------
 
-    def send(self, data: bytes, upstream: bool = False, framed: bool = True) -> bool:
+    def send(
+        self,
+        data: bytes,
+        upstream: bool = False,
+        framed: bool = True,
+        received_at: float | None = None,
+    ) -> int:
         """Queue ``data`` (one or more encoded frames) for this client.
 
-        ``framed`` is False only for the HTTP 101 response. Writes at once,
-        without blocking, when nothing is queued. Returns False
-        when the client is closing or the queue overflowed, in which case the
+        ``framed`` is False only for the HTTP 101 response. ``received_at``
+        (``time.monotonic()`` at the upstream frame's arrival) lets the writer
+        record the delivery latency of a queued frame. Writes at once, without
+        blocking, when nothing is queued. Returns WRITTEN or QUEUED, or 0 when
+        the client is closing or the queue overflowed, in which case the
         client is being closed as a slow consumer.
         """
-        accepted, problem = self._enqueue(data, upstream, framed)
+        accepted, problem = self._enqueue(data, upstream, framed, received_at)
         if problem == "overflow":
             logger.warning(
                 "client %d (%s) closed as slow consumer: %d bytes in %d frames queued "
@@ -216,15 +232,17 @@ class Client:
             self._rate_limited()
         return accepted
 
-    def _enqueue(self, data: bytes, upstream: bool, framed: bool) -> tuple[bool, str | None]:
-        """Write or queue ``data``; return (accepted, problem to act on after the lock)."""
+    def _enqueue(
+        self, data: bytes, upstream: bool, framed: bool, received_at: float | None
+    ) -> tuple[int, str | None]:
+        """Write or queue ``data``; return (WRITTEN, QUEUED or 0, problem to act on after the lock)."""
         problem: str | None = None
         is_close = framed and _is_close_frame(data)
         with self._cond:
             if self._close_frame_started or self.state is ClientState.CLOSED:
                 if upstream:
                     self.frames_dropped += 1
-                return False, None
+                return 0, None
             if is_close:
                 self._close_frame_started = True
                 if self.state is ClientState.OPEN:
@@ -238,12 +256,12 @@ class Client:
             if not self._queue:
                 written = self._write_now(data)
                 if written is None:
-                    return False, None
+                    return 0, None
                 if written == len(data):
                     self.bytes_sent += written
                     if upstream:
                         self.frames_sent += 1
-                    return True, problem
+                    return WRITTEN, problem
             else:
                 written = 0
                 frames_after = self.queued_frames + 1
@@ -255,14 +273,14 @@ class Client:
                     or bytes_after > self._queue_max_bytes
                 ):
                     self.frames_dropped += 1 if upstream else 0
-                    return False, "overflow"
-            self._queue.append([data, upstream])
+                    return 0, "overflow"
+            self._queue.append([data, upstream, received_at])
             self._head_offset += written if len(self._queue) == 1 else 0
             self.bytes_sent += written
             self.queued_bytes += len(data) - written
             self.queued_frames += 1
             self._cond.notify()
-            return True, problem
+            return QUEUED, problem
 
     def send_message(self, message_type: str, **fields: Any) -> bool:
         """Send a relay message (a JSON object) to this client."""
@@ -341,21 +359,26 @@ class Client:
                 return False
 
     def _account_written(self, written: int) -> None:
-        """Pop fully written items; the caller holds the lock."""
+        """Pop fully written items and record their latency; the caller holds the lock."""
         self.bytes_sent += written
         self.queued_bytes -= written
+        latencies: list[float] = []
         while written and self._queue:
-            data, upstream = self._queue[0]
+            data, upstream, received_at = self._queue[0]
             remaining = len(data) - self._head_offset
             if written < remaining:
                 self._head_offset += written
-                return
+                break
             written -= remaining
             self._queue.popleft()
             self._head_offset = 0
             self.queued_frames -= 1
             if upstream:
                 self.frames_sent += 1
+                if received_at is not None:
+                    latencies.append(time.monotonic() - received_at)
+        if latencies and self._latency is not None:
+            self._latency.observe_many(latencies)
 
     def _discard_backlog(self) -> None:
         """Drop queued frames, keeping a partly written head and any close frame."""
@@ -402,7 +425,7 @@ class Client:
                 self._drop_backlog = True
             if not self._close_frame_started:
                 frame = encode_close(code, reason)
-                self._queue.append([frame, False])
+                self._queue.append([frame, False, None])
                 self.queued_frames += 1
                 self.queued_bytes += len(frame)
                 self._close_frame_started = True

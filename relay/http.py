@@ -458,6 +458,7 @@ class RelayApp:
             raw,
             self.settings,
             on_closing=registry.count_closing,
+            latency=relay.latency,
         )
         upgrade_environ = dict(environ)
         # Refuse permessage-deflate: compressing per client multiplies the

@@ -2,7 +2,9 @@
 
 A custom collector reads the counters the relay keeps anyway, so the fan-out
 path does no extra work per frame for metrics. The one exception is the
-delivery latency histogram, which ``LatencyHistogram`` fills cheaply.
+delivery latency histogram, which ``LatencyHistogram`` fills cheaply: one
+observation per frame for all clients written at once, and one per queued
+frame when its writer finishes it.
 """
 
 from __future__ import annotations
@@ -36,11 +38,20 @@ class LatencyHistogram:
         self._sum = 0.0
         self._lock = threading.Lock()
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, count: int = 1) -> None:
+        """Record ``count`` deliveries that each took ``seconds``."""
         index = bisect.bisect_left(self.buckets, seconds)
         with self._lock:
-            self._counts[index] += 1
-            self._sum += seconds
+            self._counts[index] += count
+            self._sum += seconds * count
+
+    def observe_many(self, values: list[float]) -> None:
+        """Record one delivery per value, taking the lock once."""
+        indexes = [bisect.bisect_left(self.buckets, value) for value in values]
+        with self._lock:
+            for index in indexes:
+                self._counts[index] += 1
+            self._sum += sum(values)
 
     def snapshot(self) -> tuple[list[tuple[str, int]], float]:
         """Return cumulative ``(le, count)`` pairs ending with +Inf, and the sum."""

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Iterable
 
-from .client import Client, CloseCause
+from .client import WRITTEN, Client, CloseCause
 from .frames import relay_message
 
 logger = logging.getLogger(__name__)
@@ -119,17 +119,20 @@ class Registry:
         """Send one encoded frame to every client without blocking on a socket.
 
         ``received_at`` (``time.monotonic()`` when the upstream frame arrived)
-        feeds the delivery latency histogram, once per frame, with the time
-        until every client had the frame written or queued.
+        feeds the delivery latency histogram. Clients written at once count
+        with the time the whole pass took, an upper bound, in one
+        observation. Queued ones count when their writer finishes the frame.
         """
         # Reading the snapshot under the lock waits out an add() in progress,
         # whose greeting may already be on the wire.
         with self._lock:
             clients = self._snapshot
+        written_now = 0
         for client in clients:
-            client.send(frame, upstream)
-        if received_at is not None and clients and self.latency is not None:
-            self.latency.observe(time.monotonic() - received_at)
+            if client.send(frame, upstream, received_at=received_at) == WRITTEN:
+                written_now += 1
+        if received_at is not None and written_now and self.latency is not None:
+            self.latency.observe(time.monotonic() - received_at, written_now)
 
     def broadcast_message(self, message_type: str, **fields: Any) -> None:
         """Send a relay message (a JSON object) to every client."""

@@ -253,6 +253,8 @@ class ProbesAndMetricsTest(SecuredRelayTestCase):
             "bptf_relay_clients_connected 1.0",
             "bptf_relay_delivery_latency_seconds_bucket",
             "bptf_relay_client_queue_max_bytes",
+            # One frame delivered to one client: one latency observation.
+            "bptf_relay_delivery_latency_seconds_count 1.0",
         ):
             self.assertIn(name, text)
 
