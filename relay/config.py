@@ -12,19 +12,20 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import ipaddress
+import logging
 import os
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
+from .logs import LEVELS
+
 EX_CONFIG = 78
 
 KIB = 1024
 MIB = 1024 * 1024
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-LOG_LEVEL_ALIASES = {"WARN": "WARNING", "CRITICAL": "ERROR"}
 LOG_FORMATS = ("text", "json")
 
 
@@ -286,15 +287,18 @@ def _parse_host(text: str) -> str:
 
 
 def parse_level(text: str) -> str:
-    """Normalise a log level name, accepting the Node relay's ``WARN``.
+    """Normalise a log level name to a ``logging`` level name such as ``WARNING``.
 
-    Raises ValueError naming the allowed values.
+    Accepts the names in ``relay.logs.LEVELS`` (the Node relay's ``WARN``
+    among them) and ``CRITICAL``, which the relay logs as ERROR. Raises
+    ValueError naming the allowed values.
     """
     name = text.strip().upper()
-    name = LOG_LEVEL_ALIASES.get(name, name)
-    if name not in LOG_LEVELS:
+    if name == "CRITICAL":
+        name = "ERROR"
+    if name not in LEVELS:
         raise ValueError("expected one of DEBUG, INFO, WARNING (or WARN), ERROR")
-    return name
+    return logging.getLevelName(LEVELS[name])
 
 
 def _parse_bool(text: str) -> bool:

@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 class Registry:
     """Lock-protected set of clients with fan-out and per-cause counters."""
 
-    def __init__(self, settings: Any, latency: Any = None) -> None:
-        self._settings = settings
+    def __init__(self, latency: Any = None) -> None:
+        # metrics.LatencyHistogram fed by broadcast(), or None.
         self.latency = latency
         self._lock = threading.Lock()
         self._clients: dict[int, Client] = {}

@@ -37,9 +37,9 @@ from .upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
-# Stack size for threads started after startup (one writer and one reader
-# per client); the default 8 MiB of address space per thread adds up at
-# 1,000 clients. 512 KiB leaves ample room for this code's call depth.
+# Stack size for threads started after startup, which are mostly one writer
+# and one reader per client. The default 8 MiB of address space per thread
+# adds up at 1,000 clients, and 512 KiB leaves room for this code's call depth.
 THREAD_STACK_BYTES = 512 * 1024
 
 
@@ -65,7 +65,7 @@ class Relay:
         self.reload_requested = threading.Event()
         # Signal numbers recorded by the command line's handlers, for the log.
         self.received_signals: list[int] = []
-        self.registry = Registry(settings, self.latency)
+        self.registry = Registry(self.latency)
         self.upstream = Upstream(settings, self.registry)
         self.app = RelayApp(self)
         self.notifier = SystemdNotifier(os.environ if environ is None else environ)

@@ -56,10 +56,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def write_config(directory: str, text: str, name: str = "relay.conf") -> str:
+    """Write ``text`` to ``directory/name`` and return the path."""
+    path = os.path.join(directory, name)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
 
 
 # -- fake upstream ------------------------------------------------------------------

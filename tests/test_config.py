@@ -11,14 +11,7 @@ import unittest
 
 from relay.config import EX_CONFIG, FIELDS, ConfigError, describe, example_text, load_settings
 from relay.upstream import Backoff
-from tests.support import ROOT
-
-
-def write_config(directory: str, text: str, name: str = "relay.conf") -> str:
-    path = os.path.join(directory, name)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return path
+from tests.support import ROOT, write_config
 
 
 class SettingsTest(unittest.TestCase):

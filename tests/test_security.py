@@ -22,6 +22,7 @@ from tests.support import (
     RelayClient,
     RelayProcess,
     wait_for,
+    write_config,
 )
 
 TOKEN = "s3cret-token-0123456789abcdef"
@@ -319,29 +320,21 @@ class BindSafetyTest(unittest.TestCase):
 
     def test_public_bind_with_opt_out_allowed(self) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "relay.conf")
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write("[server]\nhost = 0.0.0.0\n[security]\nallow_unauthenticated = yes\n")
+            path = write_config(directory, "[server]\nhost = 0.0.0.0\n[security]\nallow_unauthenticated = yes\n")
             result = self.run_check("-c", path)
         self.assertEqual(result.returncode, 0, result.stderr)
 
     def test_public_bind_with_token_file(self) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            token_path = os.path.join(directory, "token")
-            with open(token_path, "w", encoding="utf-8") as handle:
-                handle.write(TOKEN + "\n")
-            path = os.path.join(directory, "relay.conf")
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(f"[server]\nhost = 0.0.0.0\n[security]\ntoken_file = {token_path}\n")
+            token_path = write_config(directory, TOKEN + "\n", "token")
+            path = write_config(directory, f"[server]\nhost = 0.0.0.0\n[security]\ntoken_file = {token_path}\n")
             result = self.run_check("-c", path)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotIn(TOKEN, result.stdout)
 
     def test_missing_token_file_78(self) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "relay.conf")
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write("[security]\ntoken_file = /nonexistent/token\n")
+            path = write_config(directory, "[security]\ntoken_file = /nonexistent/token\n")
             result = self.run_check("-c", path)
         self.assertEqual(result.returncode, 78)
         self.assertIn("/nonexistent/token", result.stderr)
@@ -349,9 +342,7 @@ class BindSafetyTest(unittest.TestCase):
 
     def test_short_token_78(self) -> None:
         with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "relay.conf")
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write("[security]\ntoken = short\n")
+            path = write_config(directory, "[security]\ntoken = short\n")
             result = self.run_check("-c", path)
         self.assertEqual(result.returncode, 78)
         self.assertIn("shorter than 16 characters", result.stderr)
