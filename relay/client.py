@@ -50,15 +50,16 @@ from .frames import (
 logger = logging.getLogger(__name__)
 
 # Buffers passed to one sendmsg() call; Linux allows 1024 (IOV_MAX). A cap of
-# 64 was tried: with the relay pinned to one core at 500 clients it let
-# writers fall behind, and all 500 clients were closed as slow consumers
-# (bench/run.py, 500 clients x max rate, pinned: 475 MB/s against 1,074).
+# 64 let writers fall behind with the relay pinned to one core: at 500 clients
+# and the maximum rate, all 500 were closed as slow consumers. bench/run.py
+# measured 475 MB/s with 64 buffers and 1,074 MB/s with 512.
 SENDMSG_MAX_BUFFERS = 512
 # Results of Client.send besides 0 (rejected): written at once, or queued.
 WRITTEN = 2
 QUEUED = 1
 
-# Longest a blocked writer sleeps before it re-checks close requests.
+# Maximum time, in seconds, a blocked writer sleeps before it re-checks close
+# requests.
 WAIT_SLICE = 0.5
 
 
@@ -69,7 +70,7 @@ class ClientState(enum.IntEnum):
 
 
 class CloseCause(str, enum.Enum):
-    """Why a client connection ended; used as a counter label."""
+    """Reason a client connection ended, also used as a counter label."""
 
     CLIENT_CLOSED = "client_closed"
     CONNECTION_LOST = "connection_lost"

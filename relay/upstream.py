@@ -522,7 +522,7 @@ class Upstream(threading.Thread):
                 return
             if not data[:1] == b"[":
                 self.frames_not_json_array += 1
-            # NOTE: only frames up to CLIENT_LIMIT_SCAN_BYTES are searched; the
+            # NOTE: only frames up to CLIENT_LIMIT_SCAN_BYTES are searched. The
             # notice comes in a short frame of its own, and scanning every
             # ~1 MB batch cost a fifth of the ingest CPU.
             if len(data) <= CLIENT_LIMIT_SCAN_BYTES and CLIENT_LIMIT_EVENT in data:
