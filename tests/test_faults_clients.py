@@ -57,13 +57,28 @@ class StalledClientTest(RelayCase):
     QUEUE_MAX_BYTES = 2 * MIB
     FRAMES = 200
     PAD = 100_000
+    WINDOW = 10
     sections = {
         "clients": {"queue_max_bytes": QUEUE_MAX_BYTES, "queue_max_frames": 100_000, "close_timeout": 5 * UNIT}
     }
 
-    def _push(self, phase: int) -> None:
-        """Send FRAMES frames of about 100 KB, each stamped with its send time, 5 ms apart."""
+    def _push(self, phase: int, collectors: list[Collector]) -> None:
+        """Send FRAMES frames of about 100 KB, each stamped with its send time, 5 ms apart.
+
+        Sending pauses while a collector has WINDOW frames (1 MB) unread, so
+        a collector scheduled late stays under its 2 MiB queue cap.
+        """
+        # Every earlier phase has fully arrived, so this phase's frames are
+        # the ones past the current length of each collector's list.
+        starts = [len(collector.numbers) for collector in collectors]
         for number in range(self.FRAMES):
+            for collector, start in zip(collectors, starts):
+                wait_for(
+                    lambda: len(collector.numbers) - start >= number + 1 - self.WINDOW,
+                    20 * UNIT,
+                    interval=0.001,
+                    message=f"phase {phase} frame {number - self.WINDOW}",
+                )
             self.connection.send_text(numbered_frame(number, phase, self.PAD, sent_at=time.monotonic()))
             time.sleep(0.005)
 
@@ -85,14 +100,14 @@ class StalledClientTest(RelayCase):
         wait_for(lambda: all(collector.frames for collector in collectors), 5 * UNIT)
         baseline_rss = self.process()["rssBytes"]
         self.phase_started = {1: time.monotonic()}
-        self._push(1)
+        self._push(1, collectors)
         baseline_p99 = self._p99(collectors, 1)
 
         stalled = self.raw(rcvbuf=4096)
         self.assertEqual(stalled.status, 101)
         wait_for(lambda: self.client_count() == 10, 5 * UNIT)
         self.phase_started[2] = time.monotonic()
-        self._push(2)
+        self._push(2, collectors)
         stalled_p99 = self._p99(collectors, 2)
         self.relay.wait_log("slow consumer", 10 * UNIT)
 

@@ -283,15 +283,29 @@ class SlowConsumerTest(RelayTestCase):
         healthy = self.connect()
         frame = b'["' + b"x" * 100_000 + b'"]'
         # Enough to fill the kernel's socket buffers (up to a few MB on
-        # loopback) and then the 256 KiB queue.
+        # loopback) and then the 256 KiB queue of the stalled client.
         count = 150
+        # At most two frames (200 KB) wait unread by the healthy reader, under
+        # its 256 KiB cap, so only the stalled client can overflow.
+        window = 2
         received: list[bytes] = []
-        reader = threading.Thread(target=lambda: received.extend(healthy.recv(10 * UNIT)[1] for _ in range(count)))
+        progress = threading.Condition()
+
+        def read() -> None:
+            for _ in range(count):
+                payload = healthy.recv(10 * UNIT)[1]
+                with progress:
+                    received.append(payload)
+                    progress.notify_all()
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        for _ in range(count):
+        for index in range(count):
+            with progress:
+                progress.wait_for(lambda: len(received) >= index + 1 - window, 10 * UNIT)
             self.connection.send_text(frame)
         reader.join(30 * UNIT)
-        self.assertEqual(len(received), count)
+        self.assertEqual(len(received), count, "\n".join(line for line in self.relay.lines if "client" in line))
         self.assertTrue(all(payload == frame for payload in received))
         self.relay.wait_log(r"client 1 .*slow consumer", 10 * UNIT)
         status = self.relay.get("/status")[1]
