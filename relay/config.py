@@ -126,7 +126,7 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field(
         "upstream", "max_frame_bytes", "int", 16 * MIB,
-        "larger upstream frames are dropped and counted", "bytes", 64 * KIB, 1024 * MIB,
+        "larger upstream messages are dropped unbuffered and counted", "bytes", 64 * KIB, 1024 * MIB,
     ),
     # [clients]
     Field(

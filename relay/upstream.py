@@ -98,16 +98,47 @@ class Backoff:
 
 
 class _Reassembler(continuous_frame):
-    """websocket-client's fragment reassembly, labelling a message with its first opcode.
+    """websocket-client's fragment reassembly, bounded in size and labelled with the first opcode.
 
-    websocket-client 1.9 passes the opcode of a fragmented message's last
-    frame (0, continuation) to ``on_data``. This class sets the reassembled
-    frame's opcode to the first frame's opcode (text or binary) instead.
+    websocket-client 1.9 labels a fragmented message with its last frame's
+    opcode (0, continuation) and joins fragments by repeated ``bytes``
+    concatenation. This class keeps the first opcode and joins once. Past
+    ``max_bytes`` it keeps no more fragments, and ``on_dropped`` makes the
+    relay drop the message, which arrives empty.
     """
 
+    def __init__(self, max_bytes: int, on_dropped: Callable[[int], None]) -> None:
+        super().__init__(False, True)
+        self.max_bytes = max_bytes
+        self.on_dropped = on_dropped
+        self.size = 0
+        self.discarding = False
+
+    def add(self, frame: websocket.ABNF) -> None:
+        if self.cont_data is None:
+            if frame.opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                self.recving_frames = frame.opcode
+            self.cont_data = [frame.opcode, []]
+            self.size = 0
+            self.discarding = False
+        self.size += len(frame.data)
+        if self.size > self.max_bytes and not self.discarding:
+            self.discarding = True
+            self.cont_data[1].clear()
+        if not self.discarding:
+            self.cont_data[1].append(frame.data)
+        if frame.fin:
+            self.recving_frames = None
+
     def extract(self, frame: websocket.ABNF) -> tuple:
-        opcode, frame = super().extract(frame)
+        if self.cont_data is None:
+            raise websocket.WebSocketProtocolException("no continuation data available")
+        opcode, parts = self.cont_data
+        self.cont_data = None
+        frame.data = parts[0] if len(parts) == 1 else b"".join(parts)
         frame.opcode = opcode
+        if self.discarding:
+            self.on_dropped(self.size)
         return opcode, frame
 
 
@@ -161,7 +192,7 @@ class _WakeableDispatcher(DispatcherBase):
         raw = self.app.sock.sock
         # No data frame has been read yet, so nothing is lost by the swaps.
         settings = self.upstream.settings
-        self.app.sock.cont_frame = _Reassembler(False, True)
+        self.app.sock.cont_frame = _Reassembler(settings.upstream_max_frame_bytes, self.upstream.oversize_frame_skipped)
         self.app.sock.frame_buffer = _BoundedFrameBuffer(
             self.app.sock._recv, settings.upstream_max_frame_bytes, self.upstream.oversize_frame_skipped
         )
@@ -494,7 +525,7 @@ class Upstream(threading.Thread):
             logger.exception("dropped upstream frame %d after an internal error", self.frames_in)
 
     def oversize_frame_skipped(self, length: int) -> None:
-        """Drop the message whose frame of ``length`` bytes was discarded unread."""
+        """Drop the next message, of which ``length`` bytes were discarded unread."""
         self._drop_next_message = length
 
     def _forward(self, data: bytes, opcode: int) -> None:
@@ -505,11 +536,7 @@ class Upstream(threading.Thread):
         self.bytes_in += len(data)
         if self._drop_next_message:
             length, self._drop_next_message = self._drop_next_message, 0
-            self._drop("too_large", "frame of %d bytes exceeds max_frame_bytes %d (discarded unread)", length, self.settings.upstream_max_frame_bytes)
-            return
-        # A message fragmented into frames that each fit can still be too large.
-        if len(data) > self.settings.upstream_max_frame_bytes:
-            self._drop("too_large", "frame of %d bytes exceeds max_frame_bytes %d", len(data), self.settings.upstream_max_frame_bytes)
+            self._drop("too_large", "message of %d bytes exceeds max_frame_bytes %d (discarded unread)", length, self.settings.upstream_max_frame_bytes)
             return
         if opcode == OPCODE_TEXT:
             try:

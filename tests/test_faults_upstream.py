@@ -210,6 +210,7 @@ class RejectedHandshakeTest(RelayCase):
             poller.join(5 * UNIT)
         del connection
 
+        self.relay.wait_log(REJECTION_LINE.pattern, 5 * UNIT, count=len(self.REJECTIONS))
         attempts = []
         for line in self.relay.lines:
             match = REJECTION_LINE.search(line)
@@ -369,6 +370,7 @@ class UpstreamFrameTest(RelayCase):
         self.assertEqual(status["traffic"]["framesRelayed"], len(expected))
         self.assertEqual(status["traffic"]["framesIn"], len(expected) + len(self.INVALID_UTF8) + 1)
         # The log shows the first three drops of a kind, then every 100th.
+        self.relay.wait_log("invalid_utf8", 5 * UNIT, count=3)
         self.assertEqual(self.count_lines("invalid_utf8"), 3)
 
     def test_binary_and_non_json_unchanged(self) -> None:
@@ -404,6 +406,21 @@ class UpstreamFrameTest(RelayCase):
         traffic = self.status()["traffic"]
         self.assertEqual(traffic["upstreamFramesDropped"], {"too_large": 1})
         self.assertEqual(traffic["framesRelayed"], 1)
+
+    def test_fragmented_oversize_dropped(self) -> None:
+        """A fragmented message over max_frame_bytes is dropped; one at the limit is relayed whole."""
+        client = self.connect()
+        over = [b"[" + b"0" * 29_999, b"1" * 30_000, b"2" * 29_999 + b"]"]
+        at_limit = [b"[" + b"3" * 32_767, b"4" * 32_767 + b"]"]
+        self.assertEqual(sum(map(len, at_limit)), 65536)
+        self.connection.send_fragments(0x1, over)
+        self.connection.send_fragments(0x1, at_limit)
+        self.assertEqual(client.recv(10 * UNIT), (websocket.ABNF.OPCODE_TEXT, b"".join(at_limit)))
+        traffic = self.status()["traffic"]
+        self.assertEqual(traffic["upstreamFramesDropped"], {"too_large": 1})
+        self.assertEqual(traffic["framesRelayed"], 1)
+        self.assertEqual(self.status()["upstream"]["disconnects"], 0)
+        self.relay.wait_log(r"message of 90000 bytes exceeds max_frame_bytes 65536", 5 * UNIT)
 
     def test_upstream_ping_gets_pong(self) -> None:
         """A ping from the upstream gets a pong carrying its payload."""

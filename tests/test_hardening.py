@@ -198,10 +198,18 @@ class UrlCredentialsTest(RelayCase):
 class OversizeFrameTest(RelayCase):
     sections = {"upstream": {"max_frame_bytes": 1024 * 1024}}
 
+    def peak_rss(self) -> int:
+        """Return the relay's peak resident set size in bytes (VmHWM)."""
+        with open(f"/proc/{self.relay.process.pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("VmHWM missing from /proc/PID/status")
+
     def test_oversize_frame_never_buffered(self) -> None:
         """A 64 MiB frame is read past unbuffered and dropped; the connection stays up."""
         client = self.connect()
-        baseline = self.relay.get("/status")[1]["process"]["rssBytes"]
+        baseline = self.peak_rss()
         size = 64 * 1024 * 1024
         self.connection.send_raw(b"\x81\x7f" + size.to_bytes(8, "big") + b"x" * size)
         self.connection.send_text(b'["after"]')
@@ -210,4 +218,18 @@ class OversizeFrameTest(RelayCase):
         self.assertEqual(status["traffic"]["upstreamFramesDropped"].get("too_large"), 1)
         self.assertEqual(status["upstream"]["disconnects"], 0)
         self.assertEqual(len(self.upstream.connections), 1)
-        self.assertLess(status["process"]["rssBytes"] - baseline, 32 * 1024 * 1024)
+        self.assertLess(self.peak_rss() - baseline, 32 * 1024 * 1024)
+
+    def test_fragmented_oversize_never_buffered(self) -> None:
+        """A 64 MiB message in 512 KiB fragments is dropped without buffering; the connection stays up."""
+        client = self.connect()
+        baseline = self.peak_rss()
+        part = 512 * 1024
+        self.connection.send_fragments(0x1, [b"x" * part] * 128)
+        self.connection.send_text(b'["after"]')
+        self.assertEqual(client.recv(10 * UNIT)[1], b'["after"]')
+        status = self.relay.get("/status")[1]
+        self.assertEqual(status["traffic"]["upstreamFramesDropped"].get("too_large"), 1)
+        self.assertEqual(status["upstream"]["disconnects"], 0)
+        self.assertEqual(len(self.upstream.connections), 1)
+        self.assertLess(self.peak_rss() - baseline, 32 * 1024 * 1024)
