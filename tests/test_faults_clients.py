@@ -191,6 +191,7 @@ class FrozenClientTest(RelayCase):
         removed_after = time.monotonic() - started
         self.assertGreaterEqual(removed_after, 2 * self.PING_INTERVAL)
         self.assertLessEqual(removed_after, 2 * self.PING_INTERVAL + self.PING_INTERVAL / 4 + self.CLOSE_TIMEOUT + 3 * UNIT)
+        self.relay.wait_log(r"client 2 .*closed: nothing received for", 5 * UNIT)
         self.assertEqual(self.count_lines(r"client 2 .*closed: nothing received for"), 1)
         self.assertEqual(self.status()["clients"]["droppedNoPong"], 1)
         frozen.close()

@@ -366,10 +366,6 @@ class JsonLogTest(SecuredRelayTestCase):
                 self.assertIn(key, entry)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class RejectionLogTest(SecuredRelayTestCase):
     sections = {"security": {"token": TOKEN}}
 
@@ -382,3 +378,7 @@ class RejectionLogTest(SecuredRelayTestCase):
         self.assertEqual(len(lines), 5)
         status_lines = [line for line in self.relay.lines if "rejected" in line]
         self.assertLessEqual(len(status_lines), 5)
+
+
+if __name__ == "__main__":
+    unittest.main()
