@@ -79,6 +79,12 @@ FIELDS: tuple[Field, ...] = (
         "bytes", 1024, 1 * MIB,
     ),
     Field(
+        "server", "max_http_connections", "int", 256,
+        "connections served at once that are not websocket clients (HTTP requests "
+        "and unfinished request heads); more get HTTP 503 and are closed",
+        "connections", 1, 100000,
+    ),
+    Field(
         "server", "shutdown_timeout", "float", 5.0,
         "time to close clients and the upstream on SIGTERM before exiting",
         "seconds", 0.1, 600,

@@ -153,6 +153,93 @@ class HeaderDeadlines:
 
 HEADER_DEADLINES = HeaderDeadlines()
 
+def over_capacity_response(maximum: int) -> bytes:
+    """Return the whole 503 response for a connection over max_http_connections."""
+    body = json.dumps(
+        {"error": f"the relay has {maximum} HTTP connections open, the most allowed; "
+         "retry later or raise [server] max_http_connections"}
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        "Retry-After: 5\r\n"
+        "Connection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class ConnectionLimit:
+    """Cap on connections that hold a server thread without being websocket clients.
+
+    Each accepted connection takes a slot until its thread ends or it becomes
+    a websocket client, which ``max_clients`` bounds instead. Past the cap a
+    connection gets a 503 and is closed on the accepting thread, so idle or
+    slow connections cannot make the server start a thread for each.
+    """
+
+    def __init__(self, maximum: int, count_rejection: Callable[[str], None]) -> None:
+        self.maximum = maximum
+        self._count_rejection = count_rejection
+        self._lock = threading.Lock()
+        self._open: set[Any] = set()
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def admit(self, connection: Any) -> bool:
+        with self._lock:
+            if len(self._open) >= self.maximum:
+                return False
+            self._open.add(connection)
+            return True
+
+    def release(self, connection: Any) -> None:
+        with self._lock:
+            self._open.discard(connection)
+
+    def _reject(self, connection: Any, address: Any) -> None:
+        self._count_rejection("max_http_connections")
+        host = address[0] if isinstance(address, tuple) else str(address)
+        REJECTIONS.warning(
+            "max_http_connections",
+            "rejected connection from %s: max_http_connections (%d) reached",
+            host,
+            self.maximum,
+        )
+        try:
+            # MSG_DONTWAIT keeps the accepting thread from blocking, so a
+            # client that does not read misses the response.
+            connection.send(over_capacity_response(self.maximum), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    def install(self, server: Any) -> None:
+        """Wrap ``server``'s per-connection thread start with the cap."""
+        start_thread = server.process_request
+        run_thread = server.process_request_thread
+
+        def process_request(connection: Any, address: Any) -> None:
+            if not self.admit(connection):
+                self._reject(connection, address)
+                server.shutdown_request(connection)
+                return
+            try:
+                start_thread(connection, address)
+            except BaseException:
+                self.release(connection)
+                raise
+
+        def process_request_thread(connection: Any, address: Any) -> None:
+            try:
+                run_thread(connection, address)
+            finally:
+                self.release(connection)
+
+        server.process_request = process_request
+        server.process_request_thread = process_request_thread
+
 
 class RelayRequestHandler(WSGIRequestHandler):
     """Werkzeug's handler with JSON error pages, header limits and quiet logs."""
@@ -450,6 +537,8 @@ class RelayApp:
         # The header timeout is over; reads now happen on the reader thread
         # and writes use MSG_DONTWAIT plus select().
         raw.settimeout(None)
+        # From here max_clients bounds this connection, not max_http_connections.
+        relay.connections.release(raw)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:

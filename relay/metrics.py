@@ -156,6 +156,11 @@ class RelayCollector:
         for reason, count in sorted(relay.rejections.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        yield GaugeMetricFamily(
+            "bptf_relay_http_connections",
+            "Open connections that are not websocket clients (capped by max_http_connections)",
+            value=relay.connections.count(),
+        )
 
         clients = registry.clients()
         yield GaugeMetricFamily(

@@ -27,7 +27,7 @@ from werkzeug.serving import make_server
 
 from . import __version__
 from .config import FIELDS, ConfigError
-from .http import RelayApp, make_handler
+from .http import ConnectionLimit, RelayApp, make_handler
 from .logs import configure_logging, set_secrets
 from .metrics import LatencyHistogram
 from .notify import SystemdNotifier, start_watchdog_loop
@@ -71,6 +71,7 @@ class Relay:
         self.notifier = SystemdNotifier(os.environ if environ is None else environ)
         self.stopping = False
         self.rejections: Counter[str] = Counter()
+        self.connections = ConnectionLimit(settings.server_max_http_connections, self.count_rejection)
         self._started = time.monotonic()
         # Set by a signal handler (possibly before start) or request_stop.
         self._stop_event = stop_event if stop_event is not None else threading.Event()
@@ -105,6 +106,7 @@ class Relay:
         finally:
             listener.close()
         self._server.count_rejection = self.count_rejection
+        self.connections.install(self._server)
         self.port = self._server.port
         self._server_thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
@@ -209,6 +211,8 @@ class Relay:
                 "droppedNoPong": closed.get("ping_timeout", 0),
                 "closedByCause": dict(closed),
                 "rejected": dict(self.rejections),
+                "httpConnections": self.connections.count(),
+                "maxHttpConnections": self.connections.maximum,
             },
             "traffic": {
                 "framesIn": upstream.frames_in,

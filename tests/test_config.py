@@ -183,6 +183,7 @@ EVERY_KEY = [
     ("server", "header_timeout", "soon", "0.05", "a number from 0.1 to 3600 seconds"),
     ("server", "allowed_hosts", "a..b", None, "IP address or host name"),
     ("server", "max_header_bytes", "big", "1023", "a whole number from 1024 to 1048576 bytes"),
+    ("server", "max_http_connections", "lots", "0", "a whole number from 1 to 100000 connections"),
     ("server", "shutdown_timeout", "later", "601", "a number from 0.1 to 600 seconds"),
     ("upstream", "url", "http://example.invalid/", None, "ws:// or wss://"),
     ("upstream", "connect_timeout", "10s", "0", "a number from 0.1 to 600 seconds"),

@@ -152,3 +152,47 @@ class BadRequestTest(RelayCase):
         self.assertEqual(self.count_lines("no complete request within header_timeout"), 3)
         self.assertEqual(self.status()["clients"]["rejected"].get("header_timeout"), 3)
         self.assert_relay_unaffected()
+
+
+class ConnectionCapTest(RelayCase):
+    MAX_HTTP_CONNECTIONS = 4
+    sections = {"server": {"max_http_connections": MAX_HTTP_CONNECTIONS, "header_timeout": 30 * UNIT}}
+
+    def test_idle_connections_capped(self) -> None:
+        """Idle connections past max_http_connections get 503; websocket clients are not counted."""
+        collectors = []
+        for _ in range(self.MAX_HTTP_CONNECTIONS + 1):
+            collector = Collector(self.raw())
+            collector.start()
+            self.addCleanup(collector.stop)
+            collector.wait_messages("relay_status", 1, 5 * UNIT)
+            collectors.append(collector)
+        # Five websocket clients fit under a cap of four, because only this request counts.
+        self.assertEqual(self.status()["clients"]["httpConnections"], 1)
+        baseline = self.baseline_process()
+
+        idle = [socket.create_connection(("127.0.0.1", self.relay.port), timeout=5 * UNIT) for _ in range(self.MAX_HTTP_CONNECTIONS)]
+        for sock in idle:
+            self.addCleanup(sock.close)
+        response, ended, seconds = exchange(self.relay.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 5 * UNIT)
+        head, _, body = response.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 "), response[:80])
+        self.assertIn(b"retry-after: 5", head.lower())
+        self.assertIn("max_http_connections", json.loads(body)["error"])
+        self.assertEqual(ended, "fin")
+        self.assertLess(seconds, 2 * UNIT)
+
+        # Streaming to the connected clients goes on while the cap is reached.
+        self.connection.send_text(b'["during the cap"]')
+        for collector in collectors:
+            wait_for(lambda: len(collector.frames) >= 2, 5 * UNIT, message="a frame while capped")
+            self.assertEqual(collector.frames[1][2], b'["during the cap"]')
+
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: self.relay.get("/health")[0] == 200, 5 * UNIT, message="/health after the idle connections closed")
+        status = self.status()
+        self.assertEqual(status["clients"]["rejected"].get("max_http_connections"), 1)
+        self.assertEqual(status["clients"]["maxHttpConnections"], self.MAX_HTTP_CONNECTIONS)
+        self.relay.wait_log(r"rejected connection from 127\.0\.0\.1: max_http_connections \(4\) reached", 5 * UNIT)
+        self.wait_process_back(baseline, 5 * UNIT)
