@@ -79,7 +79,7 @@ FIELDS: tuple[Field, ...] = (
         "bytes", 1024, 1 * MIB,
     ),
     Field(
-        "server", "max_http_connections", "int", 256,
+        "server", "max_http_connections", "int", 1024,
         "connections served at once that are not websocket clients (HTTP requests "
         "and unfinished request heads); more get HTTP 503 and are closed",
         "connections", 1, 100000,
