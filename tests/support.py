@@ -485,6 +485,8 @@ class RelayProcess:
                 self.process.kill()
                 self.process.wait()
         self._reader.join(timeout)
+        if not self._reader.is_alive() and self.process.stdout is not None:
+            self.process.stdout.close()
         self.directory.cleanup()
         return self.process.returncode
 
