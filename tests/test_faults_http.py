@@ -190,9 +190,18 @@ class ConnectionCapTest(RelayCase):
 
         for sock in idle:
             sock.close()
-        wait_for(lambda: self.relay.get("/health")[0] == 200, 5 * UNIT, message="/health after the idle connections closed")
+        # The relay frees a slot only when it reads the FIN, so a request can still meet the cap.
+        capped = [response]
+
+        def health_ok() -> bool:
+            status, body = self.relay.get("/health")
+            if status == 503 and "max_http_connections" in body.get("error", ""):
+                capped.append(body)
+            return status == 200
+
+        wait_for(health_ok, 5 * UNIT, message="/health after the idle connections closed")
         status = self.status()
-        self.assertEqual(status["clients"]["rejected"].get("max_http_connections"), 1)
+        self.assertEqual(status["clients"]["rejected"].get("max_http_connections"), len(capped))
         self.assertEqual(status["clients"]["maxHttpConnections"], self.MAX_HTTP_CONNECTIONS)
         self.relay.wait_log(r"rejected connection from 127\.0\.0\.1: max_http_connections \(4\) reached", 5 * UNIT)
         self.wait_process_back(baseline, 5 * UNIT)
