@@ -377,13 +377,25 @@ class RelayApp:
         # WSGI passes the path as latin-1 text holding the raw bytes.
         path = environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "replace")
         method = environ.get("REQUEST_METHOD", "GET")
-        rejection = self._check_access(environ, path)
-        if rejection is not None:
-            return rejection(environ, start_response)
-        if path == "/relay" and method == "GET" and is_websocket_request(environ):
+        try:
+            response = self._check_access(environ, path)
+            if response is None and not (path == "/relay" and method == "GET" and is_websocket_request(environ)):
+                response = self.dispatch(Request(environ), path, method)
+        except Exception as error:  # noqa: BLE001 - one bad request must not log a traceback
+            response = self._internal_error(environ, path, method, error)
+        if response is None:
             return self.websocket(environ, start_response)
-        response = self.dispatch(Request(environ), path, method)
         return response(environ, start_response)
+
+    def _internal_error(self, environ: dict[str, Any], path: str, method: str, error: Exception) -> Response:
+        """Log a failed request without its traceback (DEBUG shows it) and return a JSON 500."""
+        address = environ.get("REMOTE_ADDR", "?")
+        self.relay.count_rejection("internal_error")
+        REJECTIONS.warning(
+            "internal_error", "request %s %r from %s failed: %s: %s", method, path, address, type(error).__name__, error
+        )
+        logger.debug("request %s %r from %s failed", method, path, address, exc_info=True)
+        return error_response(500, "internal error while handling this request; the relay's log names it")
 
     def _check_access(self, environ: dict[str, Any], path: str) -> Response | None:
         policy = self.relay.access

@@ -53,7 +53,11 @@ class AccessPolicy:
         if self.any_host:
             return True
         host = environ.get("HTTP_HOST", "")
-        name = urlsplit(f"//{host}").hostname or ""
+        try:
+            name = urlsplit(f"//{host}").hostname or ""
+        except ValueError:
+            # An unparsable Host, such as "[", names no host the relay serves.
+            return False
         if name in ("localhost", "") or name in self.hosts:
             return True
         try:
@@ -78,7 +82,11 @@ class AccessPolicy:
         if normalised in self.origins:
             return True
         host = environ.get("HTTP_HOST", "").strip().lower()
-        return bool(host) and urlsplit(normalised).netloc == host
+        try:
+            netloc = urlsplit(normalised).netloc
+        except ValueError:
+            return False
+        return bool(host) and netloc == host
 
 
 def _bearer_token(header: str) -> str | None:

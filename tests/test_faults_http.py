@@ -51,6 +51,9 @@ BAD_REQUESTS = [
     ("Sec-WebSocket-Key not 16 bytes", upgrade(Sec_WebSocket_Key="c2hvcnQ="), 400),
     ("Sec-WebSocket-Version 8", upgrade(Sec_WebSocket_Version="8"), 426),
     ("upgrade with POST", upgrade(method="POST"), 405),
+    ("Host header not parsable", b"GET /status HTTP/1.1\r\nHost: [\r\n\r\n", 403),
+    ("Origin header not parsable", b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://[\r\n\r\n", 403),
+    ("upgrade with an unparsable Origin", upgrade(Origin="http://["), 403),
 ]
 
 
@@ -112,6 +115,7 @@ class BadRequestTest(RelayCase):
                 self.assertIn(b"content-type: application/json", head.lower())
                 self.assertIn("error", json.loads(body))
         self.assertEqual(self.client_count(), 0)
+        self.assertNotIn("Traceback", self.relay.output)
         self.assert_relay_unaffected()
 
     def test_slow_and_idle_heads_cut(self) -> None:
