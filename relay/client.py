@@ -188,6 +188,8 @@ class Client:
         self.close_reason = ""
         self.close_cause: CloseCause | None = None
         self._close_deadline: float | None = None
+        # Made when the writer first waits for the socket to drain.
+        self._poller: Any = None
 
         self.queued_bytes = 0
         self.queued_frames = 0
@@ -355,8 +357,13 @@ class Client:
                 if close_deadline is None or now < close_deadline:
                     self._log_send_timeout()
                 return False
+            if self._poller is None:
+                # poll, unlike select, takes descriptors above 1023, which a
+                # relay with a thousand clients uses.
+                self._poller = select.poll()
+                self._poller.register(self.sock, select.POLLOUT)
             try:
-                select.select([], [self.sock], [], min(WAIT_SLICE, deadline - now))
+                self._poller.poll(max(1, int(min(WAIT_SLICE, deadline - now) * 1000)))
             except (OSError, ValueError):
                 return False
 

@@ -387,7 +387,14 @@ class FakeUpstream:
 class RelayProcess:
     """The real ``python -m relay`` in a subprocess, with its log captured."""
 
-    def __init__(self, upstream_url: str, sections: dict[str, dict[str, Any]] | None = None, env: dict[str, str] | None = None, config_text: str | None = None) -> None:
+    def __init__(
+        self,
+        upstream_url: str,
+        sections: dict[str, dict[str, Any]] | None = None,
+        env: dict[str, str] | None = None,
+        config_text: str | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         # Port 0 lets the relay bind any free port; wait_listening() reads the
         # real one from its log, which avoids racing another process for it.
         self.port = 0
@@ -416,6 +423,7 @@ class RelayProcess:
             env=environ,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
         )
         self.lines: list[str] = []
         # time.monotonic() when the test process read each line of ``lines``.
@@ -837,12 +845,14 @@ class RelayCase(unittest.TestCase):
 
     sections: dict[str, dict[str, Any]] = {}
     wait_upstream = True
+    # Descriptors the relay inherits, so that its own sockets get higher numbers.
+    pass_fds: tuple[int, ...] = ()
 
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
         self.addCleanup(self.upstream.close)
         self.prepare_upstream()
-        self.relay = RelayProcess(self.upstream.url, self.sections)
+        self.relay = RelayProcess(self.upstream.url, self.sections, pass_fds=self.pass_fds)
         self.addCleanup(self._stop_relay)
         self.relay.wait_listening()
         if self.wait_upstream:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -172,6 +173,44 @@ class ZeroWindowClientTest(RelayCase):
         self.assertEqual(self.count_lines("cut: its socket accepted no data"), 1)
         listing = self.relay.get("/api/clients")[1]
         self.assertEqual([row["id"] for row in listing["clients"]], [2])
+
+
+class HighDescriptorTest(RelayCase):
+    """A client whose socket number is above 1023, the highest select() accepts."""
+
+    INHERITED = 1100
+
+    def setUp(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = self.INHERITED + 256
+        if soft < needed:
+            if hard != resource.RLIM_INFINITY and hard < needed:
+                self.skipTest(f"the open-file limit {hard} is under {needed}")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(self.INHERITED)]
+        for descriptor in fillers:
+            self.addCleanup(os.close, descriptor)
+        self.pass_fds = tuple(fillers)
+        super().setUp()
+
+    def test_blocked_writer_resumes(self) -> None:
+        """A client that stops reading, then reads again, gets every frame."""
+        pid = self.relay.process.pid
+        self.assertGreater(len(os.listdir(f"/proc/{pid}/fd")), self.INHERITED)
+        client = self.raw(rcvbuf=4096)
+        self.assertEqual(client.status, 101)
+        self.assertEqual(client.recv_data(5 * UNIT)[0], TEXT)
+        # 8 MB is more than the socket buffers hold with Linux defaults (the
+        # send side stops at 4 MiB), so the relay's writer waits for the socket.
+        frames = [numbered_frame(number, 1, 50_000) for number in range(160)]
+        for frame in frames:
+            self.connection.send_text(frame)
+        wait_for(lambda: any(entry["queuedBytes"] > 0 for entry in self.relay.get("/api/clients")[1]["clients"]), 5 * UNIT, message="a backlog")
+        time.sleep(0.5 * UNIT)
+        received = [client.recv_data(5 * UNIT) for _ in frames]
+        self.assertEqual(received, [(TEXT, frame) for frame in frames])
+        self.assertEqual(self.status()["clients"]["connected"], 1)
 
 
 class FrozenClientTest(RelayCase):
