@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 import json
 import logging
@@ -169,6 +170,10 @@ def over_capacity_response(maximum: int) -> bytes:
     return head.encode("ascii") + body
 
 
+# Pause of the accepting thread after accept() fails for want of descriptors.
+ACCEPT_PAUSE_SECONDS = 0.1
+
+
 class ConnectionLimit:
     """Cap on connections that hold a server thread without being websocket clients.
 
@@ -216,9 +221,27 @@ class ConnectionLimit:
             pass
 
     def install(self, server: Any) -> None:
-        """Wrap ``server``'s per-connection thread start with the cap."""
+        """Wrap ``server``'s accept and per-connection thread start with the cap."""
+        accept = server.get_request
         start_thread = server.process_request
         run_thread = server.process_request_thread
+
+        def get_request() -> Any:
+            try:
+                return accept()
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    self._count_rejection("open_file_limit")
+                    REJECTIONS.warning(
+                        "open_file_limit",
+                        "cannot accept a connection: %s; raise LimitNOFILE (ulimit -n) "
+                        "or lower [clients] max_clients and [server] max_http_connections",
+                        error.strerror,
+                    )
+                    # The listener stays readable, so without a pause the
+                    # accepting thread would spin on the same error.
+                    time.sleep(ACCEPT_PAUSE_SECONDS)
+                raise
 
         def process_request(connection: Any, address: Any) -> None:
             if not self.admit(connection):
@@ -237,6 +260,7 @@ class ConnectionLimit:
             finally:
                 self.release(connection)
 
+        server.get_request = get_request
         server.process_request = process_request
         server.process_request_thread = process_request_thread
 

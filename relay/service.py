@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -45,6 +46,36 @@ THREAD_STACK_BYTES = 512 * 1024
 
 class StartupError(Exception):
     """The relay cannot start (for example, the port is taken)."""
+
+
+# Descriptors beyond the two caps: log files, the upstream, pipes and sockets
+# of the libraries.
+SPARE_FILES = 64
+
+
+def raise_open_file_limit(needed: int) -> int:
+    """Raise the soft open-file limit up to the hard limit; warn if ``needed`` is still over it.
+
+    Every client and every HTTP connection uses a descriptor, and the usual
+    soft limit of 1024 is lower than the default caps need.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            logger.warning("could not raise the open-file limit from %d to %d: %s", soft, target, error)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        logger.warning(
+            "the open-file limit is %d, under the %d that max_clients + max_http_connections + %d need; "
+            "past it new connections fail. Raise LimitNOFILE (ulimit -n) or lower those caps",
+            soft,
+            needed,
+            SPARE_FILES,
+        )
+    return soft
 
 
 class Relay:
@@ -88,6 +119,9 @@ class Relay:
         Raises StartupError when the address cannot be bound.
         """
         threading.stack_size(THREAD_STACK_BYTES)
+        raise_open_file_limit(
+            self.settings.clients_max_clients + self.settings.server_max_http_connections + SPARE_FILES
+        )
         # websocket-client logs every connection loss at ERROR on its own;
         # relay.upstream reports each one with the attempt number instead.
         logging.getLogger("websocket").setLevel(logging.CRITICAL)

@@ -9,10 +9,11 @@ the relay still serves /health and streams frames.
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import time
 
-from tests.support import UNIT, Collector, RelayCase, wait_for
+from tests.support import UNIT, Collector, RelayCase, process_cpu_seconds, wait_for
 
 HEADER_TIMEOUT = 1 * UNIT
 MAX_HEADER_BYTES = 4096
@@ -209,3 +210,60 @@ class ConnectionCapTest(RelayCase):
         self.assertEqual(status["clients"]["maxHttpConnections"], self.MAX_HTTP_CONNECTIONS)
         self.relay.wait_log(r"rejected connection from 127\.0\.0\.1: max_http_connections \(4\) reached", 5 * UNIT)
         self.wait_process_back(baseline, 5 * UNIT)
+
+
+class OpenFileLimitTest(RelayCase):
+    LIMIT = 128
+
+    def test_descriptor_exhaustion_survived(self) -> None:
+        """At the open-file limit the relay logs a few lines, does not spin, and recovers."""
+        pid = self.relay.process.pid
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (self.LIMIT, self.LIMIT))
+        client = self.raw()
+        collector = Collector(client)
+        collector.start()
+        self.addCleanup(collector.stop)
+        collector.wait_messages("relay_status", 1, 5 * UNIT)
+
+        idle = []
+        for _ in range(2 * self.LIMIT):
+            sock = socket.create_connection(("127.0.0.1", self.relay.port), timeout=5 * UNIT)
+            self.addCleanup(sock.close)
+            idle.append(sock)
+        self.relay.wait_log("cannot accept a connection", 5 * UNIT)
+        window = 1 * UNIT
+        before = process_cpu_seconds(pid)
+        time.sleep(window)
+        used = process_cpu_seconds(pid) - before
+        self.assertLess(used, 0.15 * window, f"{used:.2f} s of CPU in {window:.1f} s at the limit")
+
+        # The connected client keeps streaming while the limit is reached.
+        self.connection.send_text(b'["at the limit"]')
+        wait_for(lambda: len(collector.frames) >= 2, 5 * UNIT, message="a frame at the limit")
+        self.assertEqual(collector.frames[1][2], b'["at the limit"]')
+
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: self.relay.get("/health")[0] == 200, 10 * UNIT, interval=0.2, message="/health after the limit")
+        self.assertLessEqual(self.count_lines("cannot accept a connection"), 6)
+        self.assertGreaterEqual(self.status()["clients"]["rejected"].get("open_file_limit", 0), 1)
+        self.assertNotIn("Traceback", self.relay.output)
+
+
+class OpenFileSoftLimitTest(RelayCase):
+    def setUp(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard <= 1024:
+            self.skipTest(f"the hard open-file limit {hard} leaves nothing to raise")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        self.hard = hard
+        super().setUp()
+
+    def test_soft_limit_raised_to_hard(self) -> None:
+        """The relay raises its soft open-file limit, since the default caps need over 2,000 descriptors."""
+        with open(f"/proc/{self.relay.process.pid}/limits", encoding="ascii") as limits:
+            line = next(line for line in limits if line.startswith("Max open files"))
+        soft, hard = line.split()[3:5]
+        self.assertEqual(int(soft), self.hard)
+        self.assertEqual(int(hard), self.hard)
