@@ -102,9 +102,10 @@ class _Reassembler(continuous_frame):
 
     websocket-client 1.9 labels a fragmented message with its last frame's
     opcode (0, continuation) and joins fragments by repeated ``bytes``
-    concatenation. This class keeps the first opcode and joins once. Past
-    ``max_bytes`` it keeps no more fragments, and ``on_dropped`` makes the
-    relay drop the message, which arrives empty.
+    concatenation. This class keeps the first opcode and appends to one
+    ``bytearray``, so memory stays near the payload size however small the
+    fragments. Past ``max_bytes`` it keeps nothing more, and ``on_dropped``
+    makes the relay drop the message, which arrives empty.
     """
 
     def __init__(self, max_bytes: int, on_dropped: Callable[[int], None]) -> None:
@@ -118,24 +119,28 @@ class _Reassembler(continuous_frame):
         if self.cont_data is None:
             if frame.opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
                 self.recving_frames = frame.opcode
-            self.cont_data = [frame.opcode, []]
-            self.size = 0
+            # An unfragmented frame keeps its bytes object and is never copied.
+            self.cont_data = [frame.opcode, frame.data]
+            self.size = len(frame.data)
             self.discarding = False
-        self.size += len(frame.data)
+        else:
+            self.size += len(frame.data)
+            if not self.discarding:
+                if isinstance(self.cont_data[1], bytes):
+                    self.cont_data[1] = bytearray(self.cont_data[1])
+                self.cont_data[1] += frame.data
         if self.size > self.max_bytes and not self.discarding:
             self.discarding = True
-            self.cont_data[1].clear()
-        if not self.discarding:
-            self.cont_data[1].append(frame.data)
+            self.cont_data[1] = b""
         if frame.fin:
             self.recving_frames = None
 
     def extract(self, frame: websocket.ABNF) -> tuple:
         if self.cont_data is None:
             raise websocket.WebSocketProtocolException("no continuation data available")
-        opcode, parts = self.cont_data
+        opcode, data = self.cont_data
         self.cont_data = None
-        frame.data = parts[0] if len(parts) == 1 else b"".join(parts)
+        frame.data = bytes(data) if isinstance(data, bytearray) else data
         frame.opcode = opcode
         if self.discarding:
             self.on_dropped(self.size)
@@ -561,8 +566,9 @@ class Upstream(threading.Thread):
             return
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("upstream frame %d: %d bytes, opcode %d", self.frames_in, len(data), opcode)
-        self.registry.broadcast(encode_frame(opcode, data), received_at=now)
+        # Counted before the fan-out, so /status never lags a frame a client has received.
         self.frames_relayed += 1
+        self.registry.broadcast(encode_frame(opcode, data), received_at=now)
 
     def _drop(self, reason: str, message: str, *args: Any) -> None:
         self.frames_dropped[reason] += 1

@@ -26,6 +26,7 @@ from tests.support import (
     RelayCase,
     RelayProcess,
     close_code,
+    encode_server_frame,
     handles_signal,
     sockets_in_close_wait,
     wait_for,
@@ -421,6 +422,16 @@ class UpstreamFrameTest(RelayCase):
         self.assertEqual(traffic["framesRelayed"], 1)
         self.assertEqual(self.status()["upstream"]["disconnects"], 0)
         self.relay.wait_log(r"message of 90000 bytes exceeds max_frame_bytes 65536", 5 * UNIT)
+
+    def test_text_frame_inside_fragments_reconnects(self) -> None:
+        """A new text frame before the last fragment is a protocol error: nothing relayed, one reconnect."""
+        client = self.connect()
+        self.connection.send_raw(encode_server_frame(0x1, b'["half', fin=False) + encode_server_frame(0x1, b'"]'))
+        self.upstream.wait_connection(2, 10 * UNIT)
+        message = client.recv_message("backpack_disconnected", 5 * UNIT)
+        self.assertEqual(message["type"], "backpack_disconnected")
+        self.assertEqual(self.status()["traffic"]["framesRelayed"], 0)
+        self.assertEqual(self.upstream.max_open, 1)
 
     def test_upstream_ping_gets_pong(self) -> None:
         """A ping from the upstream gets a pong carrying its payload."""

@@ -220,6 +220,15 @@ class OversizeFrameTest(RelayCase):
         self.assertEqual(len(self.upstream.connections), 1)
         self.assertLess(self.peak_rss() - baseline, 32 * 1024 * 1024)
 
+    def test_million_tiny_fragments_bounded(self) -> None:
+        """A 1 MB message in one-byte fragments is relayed whole, with peak RSS near its size."""
+        client = self.connect()
+        baseline = self.peak_rss()
+        payload = b'["' + b"x" * 999_996 + b'"]'
+        self.connection.send_fragments(0x1, [payload[index : index + 1] for index in range(len(payload))])
+        self.assertEqual(client.recv(30 * UNIT), (websocket.ABNF.OPCODE_TEXT, payload))
+        self.assertLess(self.peak_rss() - baseline, 32 * 1024 * 1024)
+
     def test_fragmented_oversize_never_buffered(self) -> None:
         """A 64 MiB message in 512 KiB fragments is dropped without buffering; the connection stays up."""
         client = self.connect()
