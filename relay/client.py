@@ -198,6 +198,9 @@ class Client:
         self.frames_dropped = 0
         # Equal at first: no ping is outstanding until one is sent.
         self.last_receive = self._last_ping = time.monotonic()
+        # When the last ping left the queue for the socket. A ping queued
+        # behind a backlog cannot be answered yet, so its timer starts here.
+        self._ping_written_at = 0.0
         self._tokens = float(self._message_burst)
         self._tokens_at = time.monotonic()
 
@@ -265,6 +268,8 @@ class Client:
                     self.bytes_sent += written
                     if upstream:
                         self.frames_sent += 1
+                    elif data is PING_FRAME:
+                        self._ping_written_at = time.monotonic()
                     return WRITTEN, problem
             else:
                 written = 0
@@ -386,6 +391,8 @@ class Client:
                 self.frames_sent += 1
                 if received_at is not None:
                     latencies.append(time.monotonic() - received_at)
+            elif data is PING_FRAME:
+                self._ping_written_at = time.monotonic()
         if latencies and self._latency is not None:
             self._latency.observe_many(latencies)
 
@@ -568,11 +575,12 @@ class Client:
         if self.state is not ClientState.OPEN:
             return False
         silent = now - self.last_receive
-        # Close only once a ping sent after the last byte received has had a
-        # full interval to be answered; after a reload that shortens the
-        # interval, a client must first get a ping.
-        ping_unanswered = self._last_ping > self.last_receive and (
-            now - self._last_ping >= self._ping_interval
+        # Close only once a ping written after the last byte received has had
+        # a full interval to be answered; after a reload that shortens the
+        # interval, a client must first get a ping. A client with a backlog
+        # that hides the ping is left to the queue cap and send_timeout.
+        ping_unanswered = self._ping_written_at > self.last_receive and (
+            now - self._ping_written_at >= self._ping_interval
         )
         if silent > 2 * self._ping_interval and ping_unanswered:
             logger.info(

@@ -175,6 +175,30 @@ class ZeroWindowClientTest(RelayCase):
         self.assertEqual([row["id"] for row in listing["clients"]], [2])
 
 
+class BehindClientTest(RelayCase):
+    PING_INTERVAL = 0.5 * UNIT
+    sections = {"clients": {"ping_interval": PING_INTERVAL, "queue_max_bytes": 256 * MIB}}
+
+    def test_reader_behind_not_ping_timeout(self) -> None:
+        """A client that reads steadily but far behind is not closed for ping timeout."""
+        client = self.raw(rcvbuf=65536)
+        self.assertEqual(client.status, 101)
+        self.assertEqual(client.recv_data(5 * UNIT)[0], TEXT)
+        frames = [numbered_frame(number, 1, 100_000) for number in range(300)]
+        for frame in frames:
+            self.connection.send_text(frame)
+        # About 10 MB/s at most, so the 30 MB backlog hides each ping for
+        # several ping intervals.
+        received = []
+        for _ in frames:
+            received.append(client.recv_data(10 * UNIT))
+            time.sleep(0.01)
+        self.assertEqual(received, [(TEXT, frame) for frame in frames])
+        status = self.status()
+        self.assertEqual(status["clients"]["connected"], 1)
+        self.assertEqual(status["clients"]["droppedNoPong"], 0)
+
+
 class HighDescriptorTest(RelayCase):
     """A client whose socket number is above 1023, the highest select() accepts."""
 
