@@ -225,6 +225,7 @@ class Relay:
     def _tick(self) -> None:
         """Run once a second or faster on the keepalive thread."""
         self.upstream.check_stuck_in_frame()
+        self.upstream.check_handshake_deadline()
         if self.notifier.enabled:
             self._publish_status()
 

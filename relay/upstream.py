@@ -275,6 +275,8 @@ class Upstream(threading.Thread):
         self.client_limit_message = ""
         self._client_limit_hit = False
         self._stall_detected = False
+        self._attempt_started: float | None = None
+        self._handshake_cut = False
         # Length of an oversize frame read past unbuffered; its message is dropped.
         self._drop_next_message = 0
         self._disconnect_cause = ""
@@ -368,6 +370,31 @@ class Upstream(threading.Thread):
         except OSError:
             pass
 
+    def check_handshake_deadline(self) -> None:
+        """Cut an attempt still connecting after connect_timeout plus a margin.
+
+        Called from another thread. websocket-client applies connect_timeout
+        to each read, so an upstream that sends its handshake response a byte
+        at a time would keep an attempt going far longer than the setting.
+        """
+        started = self._attempt_started
+        timeout = self.settings.upstream_connect_timeout
+        if self.state is not UpstreamState.CONNECTING or started is None:
+            return
+        if time.monotonic() - started < timeout + 1.0 or self._handshake_cut:
+            return
+        with self._lock:
+            app = self._app
+        raw = app.sock.sock if app is not None and app.sock is not None else None
+        if raw is None:
+            return
+        # _on_error reports the attempt as failed with this reason.
+        self._handshake_cut = True
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     # -- the thread ------------------------------------------------------------
 
     def run(self) -> None:
@@ -395,6 +422,8 @@ class Upstream(threading.Thread):
         self._error_reported = False
         self._connected_monotonic = None
         self._last_frame_monotonic = None
+        self._handshake_cut = False
+        self._attempt_started = time.monotonic()
         self._set_state(UpstreamState.CONNECTING)
         logger.debug("connecting to %s (attempt %d)", self.display_url, self.attempt)
         app = _App(
@@ -612,6 +641,9 @@ class Upstream(threading.Thread):
             self._disconnect_cause = "closed_by_server"
             return
         text, cause = describe_error(error, self.display_url)
+        if self._handshake_cut:
+            text = f"handshake not complete within connect_timeout ({self.settings.upstream_connect_timeout:g} s)"
+            cause = "handshake_timeout"
         self.last_error = text
         if self._connected_monotonic is not None:
             self._disconnect_cause = cause

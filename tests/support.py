@@ -270,6 +270,8 @@ class FakeUpstream:
         # time.monotonic() of each accepted TCP connection, in order.
         self.handshake_times: list[float] = []
         self.frozen = False
+        # Seconds between the bytes of the 101 response, or None to send it at once.
+        self.trickle_handshake: float | None = None
         self.connections: list[UpstreamConnection] = []
         self.handshakes = 0
         self.rejections = 0
@@ -330,10 +332,19 @@ class FakeUpstream:
                 return
             key = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", request).group(1)
             accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-            sock.sendall(
+            response = (
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
             )
+            trickle = self.trickle_handshake
+            if trickle is None:
+                sock.sendall(response)
+            else:
+                for index in range(len(response)):
+                    if not self._running:
+                        raise ConnectionError("fake upstream closed")
+                    sock.sendall(response[index : index + 1])
+                    time.sleep(trickle)
             connection = UpstreamConnection(self, sock, len(self.connections) + 1)
             with self._changed:
                 self.connections.append(connection)

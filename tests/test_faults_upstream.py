@@ -240,6 +240,28 @@ class RejectedHandshakeTest(RelayCase):
         self.assertEqual(upstream_status["disconnects"], 0)
 
 
+class SlowHandshakeTest(RelayCase):
+    CONNECT_TIMEOUT = 1 * UNIT
+    sections = {"upstream": {"connect_timeout": CONNECT_TIMEOUT}}
+    wait_upstream = False
+
+    def prepare_upstream(self) -> None:
+        # Each byte arrives well within connect_timeout, the whole response far outside it.
+        self.upstream.trickle_handshake = 0.2 * UNIT
+
+    def test_trickled_handshake_cut(self) -> None:
+        """A 101 response sent a byte at a time is cut after connect_timeout, then the relay connects."""
+        started = time.monotonic()
+        self.relay.wait_log("handshake not complete within connect_timeout", self.CONNECT_TIMEOUT + 10 * UNIT)
+        cut_after = self.line_time("handshake not complete within connect_timeout") - started
+        self.assertLess(cut_after, self.CONNECT_TIMEOUT + 4 * UNIT)
+        self.assertIn(self.status()["upstream"]["state"], ("backing_off", "connecting"))
+        self.upstream.trickle_handshake = None
+        self.upstream.wait_connection(1, 10 * UNIT)
+        self.relay.wait_health(200, 5 * UNIT)
+        self.assertEqual(self.upstream.max_open, 1)
+
+
 class StallTest(RelayCase):
     sections = {"upstream": {"stall_timeout": 1 * UNIT, "ping_interval": 0.4 * UNIT, "ping_timeout": 0.2 * UNIT}}
 
