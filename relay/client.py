@@ -81,6 +81,7 @@ class CloseCause(str, enum.Enum):
     MESSAGE_TOO_BIG = "message_too_big"
     PROTOCOL_ERROR = "protocol_error"
     BINARY_MESSAGE = "binary_message"
+    ACCESS_REVOKED = "access_revoked"
     SHUTDOWN = "shutdown"
 
 
@@ -166,6 +167,8 @@ class Client:
         self.sock = sock
         self.connected_at = time.time()
         self.ws: Any = None  # the simple_websocket.Server, set after the upgrade
+        # security.Credentials from the upgrade request, re-checked on reload.
+        self.credentials: Any = None
 
         self._cond = threading.Condition(threading.Lock())
         self.apply_limits(settings)
@@ -198,8 +201,8 @@ class Client:
         self.frames_dropped = 0
         # Equal at first: no ping is outstanding until one is sent.
         self.last_receive = self._last_ping = time.monotonic()
-        # When the last ping left the queue for the socket. A ping queued
-        # behind a backlog cannot be answered yet, so its timer starts here.
+        # When the last ping left the queue for the socket. The client cannot
+        # reply to a ping still queued behind a backlog, so its timer starts here.
         self._ping_written_at = 0.0
         self._tokens = float(self._message_burst)
         self._tokens_at = time.monotonic()

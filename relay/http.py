@@ -588,6 +588,7 @@ class RelayApp:
             on_closing=registry.count_closing,
             latency=relay.latency,
         )
+        client.credentials = relay.access.credentials(environ)
         upgrade_environ = dict(environ)
         # Refuse permessage-deflate: compressing per client multiplies the
         # relay's CPU, and uncompressed frames are valid either way.

@@ -8,12 +8,26 @@ checks need no secret.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 OPEN_PATHS = frozenset({"/", "/health", "/live", "/ready"})
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The Host, Origin and token a websocket client presented at its upgrade.
+
+    Kept to re-check on reload. The token is kept only as its SHA-256 digest.
+    """
+
+    host: str
+    origin: str | None
+    token_digest: bytes | None
 
 
 class AccessPolicy:
@@ -24,6 +38,7 @@ class AccessPolicy:
 
     def __init__(self, settings: Any) -> None:
         self.token = settings.security_token or ""
+        self.token_digest = hashlib.sha256(self.token.encode("utf-8")).digest()
         hosts = settings.server_allowed_hosts.split()
         self.any_host = "*" in hosts
         self.hosts = frozenset(hosts)
@@ -36,13 +51,32 @@ class AccessPolicy:
 
     def token_valid(self, environ: dict[str, Any]) -> bool:
         """Return True if the request carries the token, compared in constant time."""
-        presented = _bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
-        if presented is None:
-            values = parse_qs(environ.get("QUERY_STRING", "")).get("token")
-            presented = values[0] if values else None
+        presented = _presented_token(environ)
         if presented is None:
             return False
         return hmac.compare_digest(presented.encode("utf-8"), self.token.encode("utf-8"))
+
+    def credentials(self, environ: dict[str, Any]) -> Credentials:
+        """Return what the request presents, for ``revoked`` to re-check later."""
+        presented = _presented_token(environ)
+        return Credentials(
+            host=environ.get("HTTP_HOST", ""),
+            origin=environ.get("HTTP_ORIGIN"),
+            token_digest=None if presented is None else hashlib.sha256(presented.encode("utf-8")).digest(),
+        )
+
+    def revoked(self, credentials: Credentials) -> str:
+        """Return which rule a connected client fails under this policy, or "" if none."""
+        environ = {"HTTP_HOST": credentials.host}
+        if credentials.origin is not None:
+            environ["HTTP_ORIGIN"] = credentials.origin
+        if not self.host_allowed(environ):
+            return "Host"
+        if not self.origin_allowed(environ):
+            return "Origin"
+        if self.token and not hmac.compare_digest(credentials.token_digest or b"", self.token_digest):
+            return "access token"
+        return ""
 
     def host_allowed(self, environ: dict[str, Any]) -> bool:
         """Return True if the Host header names an IP address, localhost or an allowed name.
@@ -87,6 +121,14 @@ class AccessPolicy:
         except ValueError:
             return False
         return bool(host) and netloc == host
+
+
+def _presented_token(environ: dict[str, Any]) -> str | None:
+    presented = _bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
+    if presented is None:
+        values = parse_qs(environ.get("QUERY_STRING", "")).get("token")
+        presented = values[0] if values else None
+    return presented
 
 
 def _bearer_token(header: str) -> str | None:

@@ -27,7 +27,9 @@ from typing import Any, Callable
 from werkzeug.serving import make_server
 
 from . import __version__
+from .client import CloseCause
 from .config import FIELDS, ConfigError
+from .frames import CLOSE_POLICY_VIOLATION
 from .http import ConnectionLimit, RelayApp, make_handler
 from .logs import configure_logging, set_secrets
 from .metrics import LatencyHistogram
@@ -316,6 +318,8 @@ class Relay:
             self.access = AccessPolicy(self.settings)
             for client in self.registry.clients():
                 client.apply_limits(self.settings)
+            if any(field.section == "security" for field in applied):
+                self._revoke_access()
         for field in applied:
             logger.info(
                 "reload: [%s] %s changed from %s to %s",
@@ -331,6 +335,22 @@ class Relay:
                 field.key,
                 _shown(field, getattr(new, field.attr)),
             )
+
+    def _revoke_access(self) -> None:
+        """Close clients whose upgrade request the new access rules would reject."""
+        for client in self.registry.clients():
+            if client.credentials is None:
+                continue
+            failed = self.access.revoked(client.credentials)
+            if not failed:
+                continue
+            logger.info(
+                "client %d (%s) closed: its %s is no longer accepted after the reload",
+                client.id,
+                client.address,
+                failed,
+            )
+            client.close(CLOSE_POLICY_VIOLATION, "access revoked", CloseCause.ACCESS_REVOKED)
 
     def shutdown(self) -> None:
         """Stop accepting, close clients with 1001 and the upstream with 1000."""

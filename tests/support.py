@@ -555,6 +555,9 @@ class RelayClient:
             self.ws.close(timeout=1 * UNIT)
         except Exception:  # noqa: BLE001 - best effort in teardown
             pass
+        finally:
+            # close() leaves the socket open when the relay closed first.
+            self.ws.shutdown()
 
 
 def close_code(payload: bytes) -> int | None:

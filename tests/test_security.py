@@ -21,6 +21,7 @@ from tests.support import (
     FakeUpstream,
     RelayClient,
     RelayProcess,
+    close_code,
     wait_for,
     write_config,
 )
@@ -277,18 +278,58 @@ class ReloadTest(SecuredRelayTestCase):
             parser.write(handle)
 
     def test_sighup_applies_changes(self) -> None:
+        """A reload applies client limits at once; a new token closes clients that lack it."""
         client = RelayClient(self.relay.ws_url)
         self.addCleanup(client.close)
         client.recv_json()
-        self.write_config(f"[security]\ntoken = {TOKEN}\n[clients]\nqueue_max_frames = 77\n")
+        self.write_config("[clients]\nqueue_max_frames = 77\n")
         self.relay.signal(signal.SIGHUP)
         self.relay.wait_log(r"reload: \[clients\] queue_max_frames changed from 4096 to 77", 5 * UNIT)
-        self.relay.wait_log(r"reload: \[security\] token changed", 5 * UNIT)
-        self.assertEqual(self.relay.get("/status")[0], 401)
         self.connection.send_text(b'["still here"]')
         self.assertEqual(client.recv()[1], b'["still here"]')
+
+        self.write_config(f"[security]\ntoken = {TOKEN}\n")
+        self.relay.signal(signal.SIGHUP)
+        self.relay.wait_log(r"reload: \[security\] token changed", 5 * UNIT)
+        self.assertEqual(self.relay.get("/status")[0], 401)
+        opcode, payload = client.recv(5 * UNIT)
+        self.assertEqual(opcode, websocket.ABNF.OPCODE_CLOSE)
+        self.assertEqual(close_code(payload), 1008)
+        self.assertEqual(payload[2:], b"access revoked")
+        self.relay.wait_log(r"client 1 \(127\.0\.0\.1\) closed: its access token is no longer accepted", 5 * UNIT)
         self.assertIsNone(self.relay.process.poll())
         self.assertNotIn(TOKEN, self.relay.output)
+
+    def test_token_rotation_revokes_old_token(self) -> None:
+        """After a token change, clients holding the old token are closed and holders of the new one stay."""
+        new_token = "rotated-token-9876543210fedcba"
+        self.write_config(f"[security]\ntoken = {TOKEN}\n")
+        self.relay.signal(signal.SIGHUP)
+        self.relay.wait_log(r"reload: \[security\] token changed", 5 * UNIT)
+        by_header = RelayClient(self.relay.ws_url, header=[f"Authorization: Bearer {TOKEN}"])
+        self.addCleanup(by_header.close)
+        by_header.recv_json()
+        by_query = RelayClient(f"{self.relay.ws_url}?token={TOKEN}")
+        self.addCleanup(by_query.close)
+        by_query.recv_json()
+
+        self.write_config(f"[security]\ntoken = {new_token}\n")
+        self.relay.signal(signal.SIGHUP)
+        self.relay.wait_log(r"reload: \[security\] token changed", 5 * UNIT, count=2)
+        for client in (by_header, by_query):
+            opcode, payload = client.recv(5 * UNIT)
+            self.assertEqual(opcode, websocket.ABNF.OPCODE_CLOSE)
+            self.assertEqual(close_code(payload), 1008)
+        fresh = RelayClient(self.relay.ws_url, header=[f"Authorization: Bearer {new_token}"])
+        self.addCleanup(fresh.close)
+        fresh.recv_json()
+        self.connection.send_text(b'["after rotation"]')
+        self.assertEqual(fresh.recv()[1], b'["after rotation"]')
+        status, body = self.relay.get("/status", {"Authorization": f"Bearer {new_token}"})
+        self.assertEqual(status, 200)
+        self.assertEqual(body["clients"]["closedByCause"].get("access_revoked"), 2)
+        self.assertEqual(body["clients"]["connected"], 1)
+        self.assertNotIn(new_token, self.relay.output)
 
     def test_sighup_broken_file_keeps_settings(self) -> None:
         self.write_config("[clients]\nqueue_max_frames = lots\n")
