@@ -363,10 +363,16 @@ class Relay:
             stopper = threading.Thread(target=self._server.shutdown, name="http-stop", daemon=True)
             stopper.start()
             stopper.join(max(0.0, deadline - time.monotonic()))
+        # Keep a margin to cut an upstream thread that is stuck, so the
+        # process still exits within shutdown_timeout.
+        margin = min(1.0, self.settings.server_shutdown_timeout / 4)
         self.registry.close_all()
-        while self.registry.count() and time.monotonic() < deadline:
+        while self.registry.count() and time.monotonic() < deadline - margin:
             time.sleep(0.02)
-        self.upstream.join(max(0.0, deadline - time.monotonic()))
+        self.upstream.join(max(0.0, deadline - margin - time.monotonic()))
+        if self.upstream.is_alive():
+            self.upstream.abort()
+            self.upstream.join(max(0.0, deadline - time.monotonic()))
         if self._server is not None:
             self._server.server_close()
         remaining = self.registry.count()

@@ -316,6 +316,29 @@ class Upstream(threading.Thread):
                 except OSError:
                     pass
 
+    def abort(self) -> None:
+        """Send a close frame (1000) and shut the socket down; called after ``stop``.
+
+        Called from another thread when the upstream thread has not ended in
+        time, such as when it is blocked inside a frame the upstream stopped
+        sending. websocket-client sends under its own lock, so the close
+        frame does not interleave with a pong.
+        """
+        with self._lock:
+            app = self._app
+        sock = app.sock if app is not None else None
+        if sock is None or sock.sock is None:
+            return
+        logger.warning("upstream thread still busy at shutdown; sending the close frame and cutting the connection")
+        try:
+            sock.send_close(websocket.STATUS_NORMAL, b"relay shutting down")
+        except Exception as error:  # noqa: BLE001 - the socket may already be gone
+            logger.debug("close frame to the upstream failed: %s", error)
+        try:
+            sock.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def drain_wake(self) -> None:
         try:
             while self.wake_reader.recv(64):

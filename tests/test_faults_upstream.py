@@ -490,6 +490,18 @@ class SigtermTest(RelayCase):
         self.assertEqual([code for code, _ in self.connection.close_frames], [1000])
         self.assertEqual(self.upstream.handshakes, handshakes)
 
+    def test_sigterm_inside_frame(self) -> None:
+        """SIGTERM while the upstream has sent only part of a frame: exit 0 in time, close 1000 sent."""
+        stalled = self.raw(rcvbuf=4096)
+        self.assertEqual(stalled.status, 101)
+        size = 1_000_000
+        self.connection.send_raw(b"\x81\x7f" + size.to_bytes(8, "big") + b"[" + b"x" * 1023)
+        time.sleep(0.2 * UNIT)
+        elapsed = self._terminate()
+        self.assertLessEqual(elapsed, self.SHUTDOWN_TIMEOUT + 1 * UNIT)
+        self.assertTrue(self.connection.closed.wait(5 * UNIT))
+        self.assertEqual([code for code, _ in self.connection.close_frames], [1000])
+
     def test_sigterm_during_backoff(self) -> None:
         """SIGTERM while waiting to reconnect: exit 0 at once, no further handshake."""
         # client-limit-exceeded makes the next delay exactly backoff_max (30 UNIT),
