@@ -14,6 +14,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import stat
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -27,6 +28,10 @@ KIB = 1024
 MIB = 1024 * 1024
 
 LOG_FORMATS = ("text", "json")
+
+# Maximum size of token_file in bytes. The token is one line, and the bound
+# stops a huge or endless file from filling memory.
+TOKEN_FILE_MAX_BYTES = 4096
 
 
 class ConfigError(Exception):
@@ -456,17 +461,68 @@ def read_token_file(token_path: str, origin: str) -> str:
     """Return the first line of ``token_path``; raise ConfigError if unusable."""
     where = f"{origin}: [security] token_file = {token_path!r}"
     try:
-        with open(token_path, encoding="utf-8") as handle:
-            token = handle.readline().strip()
+        data = _read_token_bytes(token_path, where)
     except FileNotFoundError:
         raise ConfigError(f"{where}: file not found; create it with the token on its first line") from None
     except PermissionError:
         raise ConfigError(f"{where}: not readable by this user; fix its owner or mode (0640 root:bptf-relay)") from None
-    except (IsADirectoryError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{where}: cannot read a token ({type(error).__name__}); point it at a text file") from None
+    except OSError as error:
+        raise ConfigError(f"{where}: read failed: {error.strerror or error}; point it at a readable text file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{where}: not valid UTF-8 at byte {error.start}; save it as UTF-8") from None
+    lines = text.splitlines()
+    token = lines[0].strip() if lines else ""
     if len(token) < 16:
         raise ConfigError(f"{where}: the token is missing or shorter than 16 characters; use a long random string such as the output of 'openssl rand -hex 32'")
     return token
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular_file(mode: int, where: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "a special file")
+    raise ConfigError(f"{where}: is {kind}, not a regular file; point it at a text file with the token on its first line")
+
+
+def _read_token_bytes(path: str, where: str) -> bytes:
+    """Read the regular file ``path`` if it has at most TOKEN_FILE_MAX_BYTES.
+
+    Raises ConfigError, starting with ``where``, for a directory, FIFO, device
+    or socket (which could block or never end) and for a longer file. Raises
+    OSError when the file cannot be opened or read.
+    """
+    _check_regular_file(os.stat(path).st_mode, where)
+    # O_NONBLOCK keeps open() from waiting for a writer if the path was
+    # replaced by a FIFO after the stat, and fstat then rejects it.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    descriptor = os.open(path, flags)
+    limit = TOKEN_FILE_MAX_BYTES
+    try:
+        _check_regular_file(os.fstat(descriptor).st_mode, where)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(descriptor, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(descriptor)
+    if size > limit:
+        raise ConfigError(f"{where}: file is larger than {limit} bytes; put only the token on its first line")
+    return b"".join(chunks)
 
 
 def redact_url(url: str) -> str:
