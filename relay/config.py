@@ -220,6 +220,16 @@ FIELDS: tuple[Field, ...] = (
 FIELDS_BY_NAME = {(f.section, f.key): f for f in FIELDS}
 SECTIONS = tuple(dict.fromkeys(f.section for f in FIELDS))
 
+# Command-line flag of each setting that has one, for error messages. The
+# flags are defined in relay.__main__, and a test checks that the two match.
+COMMAND_LINE_FLAGS = {
+    ("server", "host"): "--host",
+    ("server", "port"): "--port",
+    ("upstream", "url"): "--upstream-url",
+    ("logging", "level"): "--log-level",
+    ("logging", "format"): "--log-format",
+}
+
 # The Node relay this project replaces read these variables.
 ENVIRONMENT = {
     "PORT": ("server", "port"),
@@ -442,7 +452,8 @@ def load_settings(
         if variable in environ:
             raw[name] = (environ[variable], f"environment variable {variable}:")
     for name, text in (overrides or {}).items():
-        raw[name] = (text, f"command line --{name[1].replace('_', '-')}:")
+        flag = COMMAND_LINE_FLAGS.get(name, f"[{name[0]}] {name[1]}")
+        raw[name] = (text, f"command line {flag}:")
 
     values: dict[str, Any] = {}
     for name, (text, origin) in raw.items():

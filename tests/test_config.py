@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
-from relay.config import EX_CONFIG, FIELDS, ConfigError, describe, example_text, load_settings
+from relay.config import (
+    COMMAND_LINE_FLAGS,
+    EX_CONFIG,
+    FIELDS,
+    ConfigError,
+    describe,
+    example_text,
+    load_settings,
+)
 from relay.upstream import Backoff
 from tests.support import ROOT, write_config
 
@@ -367,6 +379,62 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn(f"cannot listen on 127.0.0.1:{port}", result.stderr)
         self.assertIn("another [server] port", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+
+def import_main_module():
+    """Import relay.__main__ and restore the signal handlers its import installs."""
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handlers = {number: signal.getsignal(number) for number in signals}
+    try:
+        import relay.__main__ as main_module
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    return main_module
+
+
+class FlagNameTest(unittest.TestCase):
+    """The error for an invalid command-line value names the flag the user typed."""
+
+    def setUp(self) -> None:
+        self.main_module = import_main_module()
+        self.parser = self.main_module.build_parser()
+        # Flags that take a value, except -c/--config, which names a file.
+        self.value_actions = [
+            action
+            for action in self.parser._actions
+            if action.option_strings and action.nargs != 0 and action.dest != "config"
+        ]
+
+    def test_every_flag_maps_to_a_setting(self) -> None:
+        """Each value flag of the parser sets a setting, so no flag is left untested."""
+        self.assertEqual(
+            sorted(action.dest for action in self.value_actions),
+            sorted(self.main_module.FLAGS),
+        )
+
+    def test_config_table_matches_parser(self) -> None:
+        """COMMAND_LINE_FLAGS gives each setting the flag that the parser defines for it."""
+        for action in self.value_actions:
+            name = self.main_module.FLAGS[action.dest]
+            with self.subTest(setting=name):
+                self.assertEqual(COMMAND_LINE_FLAGS[name], max(action.option_strings, key=len))
+        self.assertEqual(len(COMMAND_LINE_FLAGS), len(self.value_actions))
+
+    def test_error_names_exact_flag(self) -> None:
+        wrong_values = {(section, key): wrong for section, key, wrong, _, _ in EVERY_KEY}
+        environ = {k: v for k, v in os.environ.items() if k not in ("PORT", "BACKPACK_WS_URL", "LOG_LEVEL")}
+        self.assertGreater(len(self.value_actions), 0)
+        for action in self.value_actions:
+            flag = max(action.option_strings, key=len)
+            value = wrong_values[self.main_module.FLAGS[action.dest]]
+            with self.subTest(flag=flag, value=value):
+                stderr = io.StringIO()
+                with mock.patch.dict(os.environ, environ, clear=True), contextlib.redirect_stderr(stderr):
+                    status = self.main_module.main([flag, value, "--check"])
+                self.assertEqual(status, EX_CONFIG, stderr.getvalue())
+                self.assertIn(f"command line {flag}: ", stderr.getvalue())
+                self.assertIn(repr(value), stderr.getvalue())
 
 
 class BackoffTest(unittest.TestCase):
