@@ -14,6 +14,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import stat
 import textwrap
 from dataclasses import dataclass
@@ -268,13 +269,21 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+# Plain ASCII notation only. int() and float() also accept "1_000", digits of
+# other scripts such as "३००१", and float() accepts "nan" and "inf".
+_INTEGER_PATTERN = re.compile(r"[+-]?[0-9]+")
+_DECIMAL_PATTERN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _parse_number(field: Field, text: str) -> int | float:
+    pattern = _INTEGER_PATTERN if field.kind == "int" else _DECIMAL_PATTERN
+    if not pattern.fullmatch(text):
+        hint = "" if text.isascii() and "_" not in text else " in ASCII digits without underscores"
+        raise ValueError(f"expected {_describe_range(field)}{hint}")
     try:
         value: int | float = int(text) if field.kind == "int" else float(text)
-    except ValueError:
+    except ValueError:  # more digits than sys.get_int_max_str_digits() allows
         raise ValueError(f"expected {_describe_range(field)}") from None
-    if value != value:  # NaN
-        raise ValueError(f"expected {_describe_range(field)}")
     if field.minimum is not None and value < field.minimum:
         raise ValueError(f"too small; expected {_describe_range(field)}")
     if field.maximum is not None and value > field.maximum:

@@ -260,6 +260,92 @@ class EveryKeyTest(unittest.TestCase):
                         self.assertIn(repr(value), message)
 
 
+# (section, key, text, expected value) for numbers written in plain ASCII.
+ACCEPTED_NUMBERS = [
+    ("server", "port", "3001", 3001),
+    ("server", "port", "+3001", 3001),
+    ("server", "port", "03001", 3001),
+    ("server", "port", "-0", 0),
+    ("clients", "queue_max_bytes", "1000000", 1000000),
+    ("server", "header_timeout", "10", 10.0),
+    ("server", "header_timeout", "2.5", 2.5),
+    ("server", "header_timeout", "+2.5", 2.5),
+    ("server", "header_timeout", ".5", 0.5),
+    ("server", "header_timeout", "5.", 5.0),
+    ("server", "header_timeout", "1e1", 10.0),
+    ("server", "header_timeout", "1E+1", 10.0),
+    ("server", "header_timeout", "25e-1", 2.5),
+]
+
+# (section, key, text) that int() or float() would accept, or that are not
+# decimal notation at all.
+REJECTED_NUMBERS = [
+    ("clients", "queue_max_bytes", "1_000_000"),
+    ("server", "port", "३००१"),  # Devanagari digits
+    ("server", "port", "٣٠٠١"),  # Arabic-Indic digits
+    ("server", "port", "３００１"),  # fullwidth digits
+    ("server", "port", "0x10"),
+    ("server", "port", "0o7"),
+    ("server", "port", "0b1"),
+    ("server", "port", "30 01"),
+    ("server", "port", "+"),
+    ("server", "port", "--1"),
+    ("server", "port", "1e3"),
+    ("server", "port", "9" * 5000),
+    ("server", "header_timeout", "1_0.5"),
+    ("server", "header_timeout", "١٠"),
+    ("server", "header_timeout", "１０"),
+    ("server", "header_timeout", "nan"),
+    ("server", "header_timeout", "NaN"),
+    ("server", "header_timeout", "inf"),
+    ("server", "header_timeout", "-inf"),
+    ("server", "header_timeout", "Infinity"),
+    ("server", "header_timeout", "1e999"),
+    ("server", "header_timeout", "0x1p3"),
+    ("server", "header_timeout", "1e"),
+    ("server", "header_timeout", "e5"),
+    ("server", "header_timeout", "."),
+    ("server", "header_timeout", "1.5.2"),
+]
+
+
+class NumberSyntaxTest(unittest.TestCase):
+    """Integers and floats accept only ASCII digits, a sign, a point and an exponent."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def load(self, section: str, key: str, text: str) -> object:
+        path = write_config(self.tmp.name, f"[{section}]\n{key} = {text}\n")
+        return load_settings(path, environ={})
+
+    def test_plain_numbers_accepted(self) -> None:
+        for section, key, text, expected in ACCEPTED_NUMBERS:
+            with self.subTest(key=key, text=text):
+                value = getattr(self.load(section, key, text), f"{section}_{key}")
+                self.assertEqual(value, expected)
+                self.assertIs(type(value), type(expected))
+
+    def test_other_spellings_rejected(self) -> None:
+        for section, key, text in REJECTED_NUMBERS:
+            with self.subTest(key=key, text=text[:20]):
+                with self.assertRaises(ConfigError) as raised:
+                    self.load(section, key, text)
+                message = str(raised.exception)
+                self.assertNotIn("\n", message)
+                self.assertIn(f"{key} = ", message)
+                self.assertIn("is invalid", message)
+
+    def test_underscore_and_script_hint(self) -> None:
+        """The message explains why a value Python would accept is rejected."""
+        for section, key, text in (("clients", "queue_max_bytes", "1_000_000"), ("server", "port", "३००१")):
+            with self.subTest(text=text):
+                with self.assertRaises(ConfigError) as raised:
+                    self.load(section, key, text)
+                self.assertIn("in ASCII digits without underscores", str(raised.exception))
+
+
 def unreadable_path(directory: str) -> str | None:
     """Return a path this process cannot open for reading, or None.
 
