@@ -394,8 +394,19 @@ def _parse_value(field: Field, text: str, origin: str) -> Any:
     try:
         return PARSERS[field.kind](field, text.strip())
     except ValueError as error:
-        shown = "(hidden)" if field.secret else repr(text)
-        raise ConfigError(f"{origin} {field.key} = {shown} is invalid: {error}") from None
+        raise ConfigError(f"{origin} {field.key} = {_show_invalid_value(field, text)} is invalid: {error}") from None
+
+
+def _show_invalid_value(field: Field, text: str) -> str:
+    if field.secret:
+        return "(hidden)"
+    if field.kind == "url":
+        # An invalid URL may still carry a password or an API key.
+        try:
+            return repr(redact_url(text))
+        except ValueError:
+            return "(hidden because it cannot be parsed)"
+    return repr(text)
 
 
 def read_file(path: str) -> dict[tuple[str, str], tuple[str, str]]:
@@ -546,11 +557,31 @@ def _read_token_bytes(path: str, where: str) -> bytes:
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any user:password@ part replaced by ``***@``."""
+    """Return ``url`` with its user:password@ part, query values and fragment masked.
+
+    ``wss://user:pw@host/events?key=SECRET&v=2`` becomes
+    ``wss://***@host/events?key=***&v=***``. Scheme, host, port, path and
+    query parameter names stay readable. Raises ValueError if urlsplit does.
+    """
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    masked = parts
+    if "@" in parts.netloc:
+        masked = masked._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+    if parts.query:
+        masked = masked._replace(query="&".join(_mask_query_value(item) for item in parts.query.split("&")))
+    if parts.fragment:
+        masked = masked._replace(fragment="***")
+    if masked == parts:
         return url
-    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+    return masked.geturl()
+
+
+def _mask_query_value(item: str) -> str:
+    name, equals, value = item.partition("=")
+    if not equals:
+        # A part without "=" may be a bare key, as in ?SECRET, so mask it whole.
+        return "***" if item else item
+    return f"{name}=***" if value else item
 
 
 def is_loopback_host(host: str) -> bool:

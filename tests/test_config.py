@@ -21,9 +21,10 @@ from relay.config import (
     describe,
     example_text,
     load_settings,
+    redact_url,
 )
 from relay.upstream import Backoff
-from tests.support import ROOT, write_config
+from tests.support import ROOT, UNIT, write_config
 
 
 class SettingsTest(unittest.TestCase):
@@ -344,6 +345,68 @@ class NumberSyntaxTest(unittest.TestCase):
                 with self.assertRaises(ConfigError) as raised:
                     self.load(section, key, text)
                 self.assertIn("in ASCII digits without underscores", str(raised.exception))
+
+
+# (URL, redacted form) pairs. Credentials, query values and fragments are
+# masked, and the rest stays as written.
+REDACTED_URLS = [
+    ("wss://ws.backpack.tf/events", "wss://ws.backpack.tf/events"),
+    ("WSS://ws.backpack.tf:443/events?", "WSS://ws.backpack.tf:443/events?"),
+    ("wss://ws.backpack.tf/events?key=SECRET", "wss://ws.backpack.tf/events?key=***"),
+    ("wss://host/events?key=SECRET&v=2", "wss://host/events?key=***&v=***"),
+    ("wss://user:SECRET@host/events", "wss://***@host/events"),
+    ("wss://user:SECRET@host:8443/events?key=SECRET", "wss://***@host:8443/events?key=***"),
+    ("wss://host/events?SECRET", "wss://host/events?***"),
+    ("wss://host/events?key=", "wss://host/events?key="),
+    ("wss://host/events?key=SECRET=more", "wss://host/events?key=***"),
+    ("wss://host/events?key=SEC%26RET", "wss://host/events?key=***"),
+    ("wss://host/events?a=1;key=SECRET", "wss://host/events?a=***"),
+    ("wss://host/events?&&key=SECRET", "wss://host/events?&&key=***"),
+    ("wss://host/events#SECRET", "wss://host/events#***"),
+    ("ws://[::1]:3001/events?token=SECRET", "ws://[::1]:3001/events?token=***"),
+]
+
+
+class RedactUrlTest(unittest.TestCase):
+    """redact_url hides secrets but keeps the URL readable."""
+
+    def test_redacted_forms(self) -> None:
+        for url, expected in REDACTED_URLS:
+            with self.subTest(url=url):
+                redacted = redact_url(url)
+                self.assertEqual(redacted, expected)
+                self.assertNotIn("SECRET", redacted)
+                self.assertNotIn("SEC", redacted)
+
+    def run_relay(self, *args: str) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k not in ("PORT", "BACKPACK_WS_URL", "LOG_LEVEL")}
+        return subprocess.run(
+            [sys.executable, "-m", "relay", *args],
+            cwd=str(ROOT), env=environ, capture_output=True, text=True, timeout=10 * UNIT,
+        )
+
+    def test_check_masks_query_key(self) -> None:
+        """--check prints the upstream URL with its key masked and opens no connection."""
+        result = self.run_relay("--upstream-url", "wss://127.0.0.1:9/events?key=SECRET", "--check")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("url = wss://127.0.0.1:9/events?key=***", result.stdout)
+        self.assertNotIn("SECRET", result.stdout)
+        self.assertNotIn("SECRET", result.stderr)
+
+    def test_invalid_url_error_masks_key(self) -> None:
+        result = self.run_relay("--upstream-url", "https://127.0.0.1:9/events?key=SECRET", "--check")
+        self.assertEqual(result.returncode, EX_CONFIG, result.stderr)
+        self.assertIn("'https://127.0.0.1:9/events?key=***'", result.stderr)
+        self.assertIn("ws:// or wss://", result.stderr)
+        self.assertNotIn("SECRET", result.stderr)
+
+    def test_unparsable_url_error_hides_value(self) -> None:
+        with self.assertRaises(ConfigError) as raised:
+            load_settings(None, environ={"BACKPACK_WS_URL": "wss://[::1/events?key=SECRET"})
+        message = str(raised.exception)
+        self.assertIn("environment variable BACKPACK_WS_URL", message)
+        self.assertIn("cannot be parsed", message)
+        self.assertNotIn("SECRET", message)
 
 
 def unreadable_path(directory: str) -> str | None:

@@ -20,6 +20,7 @@ from tests.support import (
     ROOT,
     UNIT,
     FakeUpstream,
+    RelayCase,
     RelayClient,
     RelayProcess,
     wait_for,
@@ -423,6 +424,26 @@ class TokenFileTest(unittest.TestCase):
         with self.assertRaises(ConfigError) as raised:
             read_token_file(token_path, "test")
         self.assertIn("not valid UTF-8", str(raised.exception))
+
+
+class UrlQueryKeyTest(RelayCase):
+    """An API key in the upstream URL's query stays out of /status, client messages and logs."""
+
+    sections = {"logging": {"level": "DEBUG"}}
+
+    def prepare_upstream(self) -> None:
+        self.upstream.url += "?key=hunter2secret"
+
+    def test_query_key_never_shown(self) -> None:
+        status = self.relay.get("/status")[1]
+        self.assertTrue(status["upstream"]["url"].endswith("/events?key=***"), status["upstream"]["url"])
+        client = self.connect()
+        self.connection.send_close(1001, "restart")
+        message = client.recv_message("backpack_connected", 10 * UNIT)
+        self.assertEqual(message["url"], status["upstream"]["url"])
+        self.relay.stop()
+        self.assertIn("?key=***", self.relay.output)
+        self.assertNotIn("hunter2secret", self.relay.output)
 
 
 class JsonLogTest(SecuredRelayTestCase):
