@@ -14,6 +14,8 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
+import stat
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -27,6 +29,10 @@ KIB = 1024
 MIB = 1024 * 1024
 
 LOG_FORMATS = ("text", "json")
+
+# Maximum size of token_file in bytes. The token is one line, and the bound
+# stops a huge or endless file from filling memory.
+TOKEN_FILE_MAX_BYTES = 4096
 
 
 class ConfigError(Exception):
@@ -215,6 +221,16 @@ FIELDS: tuple[Field, ...] = (
 FIELDS_BY_NAME = {(f.section, f.key): f for f in FIELDS}
 SECTIONS = tuple(dict.fromkeys(f.section for f in FIELDS))
 
+# Command-line flag of each setting that has one, for error messages. The
+# flags are defined in relay.__main__, and a test checks that the two match.
+COMMAND_LINE_FLAGS = {
+    ("server", "host"): "--host",
+    ("server", "port"): "--port",
+    ("upstream", "url"): "--upstream-url",
+    ("logging", "level"): "--log-level",
+    ("logging", "format"): "--log-format",
+}
+
 # The Node relay this project replaces read these variables.
 ENVIRONMENT = {
     "PORT": ("server", "port"),
@@ -253,13 +269,21 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+# Plain ASCII notation only. int() and float() also accept "1_000", digits of
+# other scripts such as "३००१", and float() accepts "nan" and "inf".
+_INTEGER_PATTERN = re.compile(r"[+-]?[0-9]+")
+_DECIMAL_PATTERN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _parse_number(field: Field, text: str) -> int | float:
+    pattern = _INTEGER_PATTERN if field.kind == "int" else _DECIMAL_PATTERN
+    if not pattern.fullmatch(text):
+        hint = "" if text.isascii() and "_" not in text else " in ASCII digits without underscores"
+        raise ValueError(f"expected {_describe_range(field)}{hint}")
     try:
         value: int | float = int(text) if field.kind == "int" else float(text)
-    except ValueError:
+    except ValueError:  # more digits than sys.get_int_max_str_digits() allows
         raise ValueError(f"expected {_describe_range(field)}") from None
-    if value != value:  # NaN
-        raise ValueError(f"expected {_describe_range(field)}")
     if field.minimum is not None and value < field.minimum:
         raise ValueError(f"too small; expected {_describe_range(field)}")
     if field.maximum is not None and value > field.maximum:
@@ -370,8 +394,19 @@ def _parse_value(field: Field, text: str, origin: str) -> Any:
     try:
         return PARSERS[field.kind](field, text.strip())
     except ValueError as error:
-        shown = "(hidden)" if field.secret else repr(text)
-        raise ConfigError(f"{origin} {field.key} = {shown} is invalid: {error}") from None
+        raise ConfigError(f"{origin} {field.key} = {_show_invalid_value(field, text)} is invalid: {error}") from None
+
+
+def _show_invalid_value(field: Field, text: str) -> str:
+    if field.secret:
+        return "(hidden)"
+    if field.kind == "url":
+        # An invalid URL may still carry a password or an API key.
+        try:
+            return repr(redact_url(text))
+        except ValueError:
+            return "(hidden because it cannot be parsed)"
+    return repr(text)
 
 
 def read_file(path: str) -> dict[tuple[str, str], tuple[str, str]]:
@@ -437,7 +472,8 @@ def load_settings(
         if variable in environ:
             raw[name] = (environ[variable], f"environment variable {variable}:")
     for name, text in (overrides or {}).items():
-        raw[name] = (text, f"command line --{name[1].replace('_', '-')}:")
+        flag = COMMAND_LINE_FLAGS.get(name, f"[{name[0]}] {name[1]}")
+        raw[name] = (text, f"command line {flag}:")
 
     values: dict[str, Any] = {}
     for name, (text, origin) in raw.items():
@@ -456,25 +492,96 @@ def read_token_file(token_path: str, origin: str) -> str:
     """Return the first line of ``token_path``; raise ConfigError if unusable."""
     where = f"{origin}: [security] token_file = {token_path!r}"
     try:
-        with open(token_path, encoding="utf-8") as handle:
-            token = handle.readline().strip()
+        data = _read_token_bytes(token_path, where)
     except FileNotFoundError:
         raise ConfigError(f"{where}: file not found; create it with the token on its first line") from None
     except PermissionError:
         raise ConfigError(f"{where}: not readable by this user; fix its owner or mode (0640 root:bptf-relay)") from None
-    except (IsADirectoryError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{where}: cannot read a token ({type(error).__name__}); point it at a text file") from None
+    except OSError as error:
+        raise ConfigError(f"{where}: read failed: {error.strerror or error}; point it at a readable text file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{where}: not valid UTF-8 at byte {error.start}; save it as UTF-8") from None
+    lines = text.splitlines()
+    token = lines[0].strip() if lines else ""
     if len(token) < 16:
         raise ConfigError(f"{where}: the token is missing or shorter than 16 characters; use a long random string such as the output of 'openssl rand -hex 32'")
     return token
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular_file(mode: int, where: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "a special file")
+    raise ConfigError(f"{where}: is {kind}, not a regular file; point it at a text file with the token on its first line")
+
+
+def _read_token_bytes(path: str, where: str) -> bytes:
+    """Read the regular file ``path`` if it has at most TOKEN_FILE_MAX_BYTES.
+
+    Raises ConfigError, starting with ``where``, for a directory, FIFO, device
+    or socket (which could block or never end) and for a longer file. Raises
+    OSError when the file cannot be opened or read.
+    """
+    _check_regular_file(os.stat(path).st_mode, where)
+    # O_NONBLOCK keeps open() from waiting for a writer if the path was
+    # replaced by a FIFO after the stat, and fstat then rejects it.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    descriptor = os.open(path, flags)
+    limit = TOKEN_FILE_MAX_BYTES
+    try:
+        _check_regular_file(os.fstat(descriptor).st_mode, where)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(descriptor, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(descriptor)
+    if size > limit:
+        raise ConfigError(f"{where}: file is larger than {limit} bytes; put only the token on its first line")
+    return b"".join(chunks)
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` with any user:password@ part replaced by ``***@``."""
+    """Return ``url`` with its user:password@ part, query values and fragment masked.
+
+    ``wss://user:pw@host/events?key=SECRET&v=2`` becomes
+    ``wss://***@host/events?key=***&v=***``. Scheme, host, port, path and
+    query parameter names stay readable. Raises ValueError if urlsplit does.
+    """
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    masked = parts
+    if "@" in parts.netloc:
+        masked = masked._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+    if parts.query:
+        masked = masked._replace(query="&".join(_mask_query_value(item) for item in parts.query.split("&")))
+    if parts.fragment:
+        masked = masked._replace(fragment="***")
+    if masked == parts:
         return url
-    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+    return masked.geturl()
+
+
+def _mask_query_value(item: str) -> str:
+    name, equals, value = item.partition("=")
+    if not equals:
+        # A part without "=" may be a bare key, as in ?SECRET, so mask it whole.
+        return "***" if item else item
+    return f"{name}=***" if value else item
 
 
 def is_loopback_host(host: str) -> bool:

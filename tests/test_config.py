@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
-from relay.config import EX_CONFIG, FIELDS, ConfigError, describe, example_text, load_settings
+from relay.config import (
+    COMMAND_LINE_FLAGS,
+    EX_CONFIG,
+    FIELDS,
+    ConfigError,
+    describe,
+    example_text,
+    load_settings,
+    redact_url,
+)
 from relay.upstream import Backoff
-from tests.support import ROOT, write_config
+from tests.support import ROOT, UNIT, write_config
 
 
 class SettingsTest(unittest.TestCase):
@@ -248,6 +261,154 @@ class EveryKeyTest(unittest.TestCase):
                         self.assertIn(repr(value), message)
 
 
+# (section, key, text, expected value) for numbers written in plain ASCII.
+ACCEPTED_NUMBERS = [
+    ("server", "port", "3001", 3001),
+    ("server", "port", "+3001", 3001),
+    ("server", "port", "03001", 3001),
+    ("server", "port", "-0", 0),
+    ("clients", "queue_max_bytes", "1000000", 1000000),
+    ("server", "header_timeout", "10", 10.0),
+    ("server", "header_timeout", "2.5", 2.5),
+    ("server", "header_timeout", "+2.5", 2.5),
+    ("server", "header_timeout", ".5", 0.5),
+    ("server", "header_timeout", "5.", 5.0),
+    ("server", "header_timeout", "1e1", 10.0),
+    ("server", "header_timeout", "1E+1", 10.0),
+    ("server", "header_timeout", "25e-1", 2.5),
+]
+
+# (section, key, text) that int() or float() would accept, or that are not
+# decimal notation at all.
+REJECTED_NUMBERS = [
+    ("clients", "queue_max_bytes", "1_000_000"),
+    ("server", "port", "३००१"),  # Devanagari digits
+    ("server", "port", "٣٠٠١"),  # Arabic-Indic digits
+    ("server", "port", "３００１"),  # fullwidth digits
+    ("server", "port", "0x10"),
+    ("server", "port", "0o7"),
+    ("server", "port", "0b1"),
+    ("server", "port", "30 01"),
+    ("server", "port", "+"),
+    ("server", "port", "--1"),
+    ("server", "port", "1e3"),
+    ("server", "port", "9" * 5000),
+    ("server", "header_timeout", "1_0.5"),
+    ("server", "header_timeout", "١٠"),
+    ("server", "header_timeout", "１０"),
+    ("server", "header_timeout", "nan"),
+    ("server", "header_timeout", "NaN"),
+    ("server", "header_timeout", "inf"),
+    ("server", "header_timeout", "-inf"),
+    ("server", "header_timeout", "Infinity"),
+    ("server", "header_timeout", "1e999"),
+    ("server", "header_timeout", "0x1p3"),
+    ("server", "header_timeout", "1e"),
+    ("server", "header_timeout", "e5"),
+    ("server", "header_timeout", "."),
+    ("server", "header_timeout", "1.5.2"),
+]
+
+
+class NumberSyntaxTest(unittest.TestCase):
+    """Integers and floats accept only ASCII digits, a sign, a point and an exponent."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def load(self, section: str, key: str, text: str) -> object:
+        path = write_config(self.tmp.name, f"[{section}]\n{key} = {text}\n")
+        return load_settings(path, environ={})
+
+    def test_plain_numbers_accepted(self) -> None:
+        for section, key, text, expected in ACCEPTED_NUMBERS:
+            with self.subTest(key=key, text=text):
+                value = getattr(self.load(section, key, text), f"{section}_{key}")
+                self.assertEqual(value, expected)
+                self.assertIs(type(value), type(expected))
+
+    def test_other_spellings_rejected(self) -> None:
+        for section, key, text in REJECTED_NUMBERS:
+            with self.subTest(key=key, text=text[:20]):
+                with self.assertRaises(ConfigError) as raised:
+                    self.load(section, key, text)
+                message = str(raised.exception)
+                self.assertNotIn("\n", message)
+                self.assertIn(f"{key} = ", message)
+                self.assertIn("is invalid", message)
+
+    def test_underscore_and_script_hint(self) -> None:
+        """The message explains why a value Python would accept is rejected."""
+        for section, key, text in (("clients", "queue_max_bytes", "1_000_000"), ("server", "port", "३००१")):
+            with self.subTest(text=text):
+                with self.assertRaises(ConfigError) as raised:
+                    self.load(section, key, text)
+                self.assertIn("in ASCII digits without underscores", str(raised.exception))
+
+
+# (URL, redacted form) pairs. Credentials, query values and fragments are
+# masked, and the rest stays as written.
+REDACTED_URLS = [
+    ("wss://ws.backpack.tf/events", "wss://ws.backpack.tf/events"),
+    ("WSS://ws.backpack.tf:443/events?", "WSS://ws.backpack.tf:443/events?"),
+    ("wss://ws.backpack.tf/events?key=SECRET", "wss://ws.backpack.tf/events?key=***"),
+    ("wss://host/events?key=SECRET&v=2", "wss://host/events?key=***&v=***"),
+    ("wss://user:SECRET@host/events", "wss://***@host/events"),
+    ("wss://user:SECRET@host:8443/events?key=SECRET", "wss://***@host:8443/events?key=***"),
+    ("wss://host/events?SECRET", "wss://host/events?***"),
+    ("wss://host/events?key=", "wss://host/events?key="),
+    ("wss://host/events?key=SECRET=more", "wss://host/events?key=***"),
+    ("wss://host/events?key=SEC%26RET", "wss://host/events?key=***"),
+    ("wss://host/events?a=1;key=SECRET", "wss://host/events?a=***"),
+    ("wss://host/events?&&key=SECRET", "wss://host/events?&&key=***"),
+    ("wss://host/events#SECRET", "wss://host/events#***"),
+    ("ws://[::1]:3001/events?token=SECRET", "ws://[::1]:3001/events?token=***"),
+]
+
+
+class RedactUrlTest(unittest.TestCase):
+    """redact_url hides secrets but keeps the URL readable."""
+
+    def test_redacted_forms(self) -> None:
+        for url, expected in REDACTED_URLS:
+            with self.subTest(url=url):
+                redacted = redact_url(url)
+                self.assertEqual(redacted, expected)
+                self.assertNotIn("SECRET", redacted)
+                self.assertNotIn("SEC", redacted)
+
+    def run_relay(self, *args: str) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k not in ("PORT", "BACKPACK_WS_URL", "LOG_LEVEL")}
+        return subprocess.run(
+            [sys.executable, "-m", "relay", *args],
+            cwd=str(ROOT), env=environ, capture_output=True, text=True, timeout=10 * UNIT,
+        )
+
+    def test_check_masks_query_key(self) -> None:
+        """--check prints the upstream URL with its key masked and opens no connection."""
+        result = self.run_relay("--upstream-url", "wss://127.0.0.1:9/events?key=SECRET", "--check")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("url = wss://127.0.0.1:9/events?key=***", result.stdout)
+        self.assertNotIn("SECRET", result.stdout)
+        self.assertNotIn("SECRET", result.stderr)
+
+    def test_invalid_url_error_masks_key(self) -> None:
+        result = self.run_relay("--upstream-url", "https://127.0.0.1:9/events?key=SECRET", "--check")
+        self.assertEqual(result.returncode, EX_CONFIG, result.stderr)
+        self.assertIn("'https://127.0.0.1:9/events?key=***'", result.stderr)
+        self.assertIn("ws:// or wss://", result.stderr)
+        self.assertNotIn("SECRET", result.stderr)
+
+    def test_unparsable_url_error_hides_value(self) -> None:
+        with self.assertRaises(ConfigError) as raised:
+            load_settings(None, environ={"BACKPACK_WS_URL": "wss://[::1/events?key=SECRET"})
+        message = str(raised.exception)
+        self.assertIn("environment variable BACKPACK_WS_URL", message)
+        self.assertIn("cannot be parsed", message)
+        self.assertNotIn("SECRET", message)
+
+
 def unreadable_path(directory: str) -> str | None:
     """Return a path this process cannot open for reading, or None.
 
@@ -367,6 +528,62 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn(f"cannot listen on 127.0.0.1:{port}", result.stderr)
         self.assertIn("another [server] port", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
+
+
+def import_main_module():
+    """Import relay.__main__ and restore the signal handlers its import installs."""
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handlers = {number: signal.getsignal(number) for number in signals}
+    try:
+        import relay.__main__ as main_module
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    return main_module
+
+
+class FlagNameTest(unittest.TestCase):
+    """The error for an invalid command-line value names the flag the user typed."""
+
+    def setUp(self) -> None:
+        self.main_module = import_main_module()
+        self.parser = self.main_module.build_parser()
+        # Flags that take a value, except -c/--config, which names a file.
+        self.value_actions = [
+            action
+            for action in self.parser._actions
+            if action.option_strings and action.nargs != 0 and action.dest != "config"
+        ]
+
+    def test_every_flag_maps_to_a_setting(self) -> None:
+        """Each value flag of the parser sets a setting, so no flag is left untested."""
+        self.assertEqual(
+            sorted(action.dest for action in self.value_actions),
+            sorted(self.main_module.FLAGS),
+        )
+
+    def test_config_table_matches_parser(self) -> None:
+        """COMMAND_LINE_FLAGS gives each setting the flag that the parser defines for it."""
+        for action in self.value_actions:
+            name = self.main_module.FLAGS[action.dest]
+            with self.subTest(setting=name):
+                self.assertEqual(COMMAND_LINE_FLAGS[name], max(action.option_strings, key=len))
+        self.assertEqual(len(COMMAND_LINE_FLAGS), len(self.value_actions))
+
+    def test_error_names_exact_flag(self) -> None:
+        wrong_values = {(section, key): wrong for section, key, wrong, _, _ in EVERY_KEY}
+        environ = {k: v for k, v in os.environ.items() if k not in ("PORT", "BACKPACK_WS_URL", "LOG_LEVEL")}
+        self.assertGreater(len(self.value_actions), 0)
+        for action in self.value_actions:
+            flag = max(action.option_strings, key=len)
+            value = wrong_values[self.main_module.FLAGS[action.dest]]
+            with self.subTest(flag=flag, value=value):
+                stderr = io.StringIO()
+                with mock.patch.dict(os.environ, environ, clear=True), contextlib.redirect_stderr(stderr):
+                    status = self.main_module.main([flag, value, "--check"])
+                self.assertEqual(status, EX_CONFIG, stderr.getvalue())
+                self.assertIn(f"command line {flag}: ", stderr.getvalue())
+                self.assertIn(repr(value), stderr.getvalue())
 
 
 class BackoffTest(unittest.TestCase):

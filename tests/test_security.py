@@ -15,10 +15,12 @@ import unittest
 
 import websocket
 
+from relay.config import TOKEN_FILE_MAX_BYTES, ConfigError, read_token_file
 from tests.support import (
     ROOT,
     UNIT,
     FakeUpstream,
+    RelayCase,
     RelayClient,
     RelayProcess,
     close_code,
@@ -388,6 +390,101 @@ class BindSafetyTest(unittest.TestCase):
         self.assertEqual(result.returncode, 78)
         self.assertIn("shorter than 16 characters", result.stderr)
         self.assertNotIn("short\n", result.stderr)
+
+
+# Script that runs ``python -m relay`` with its address space capped at 1 GiB.
+# A regression that reads an endless file then fails with MemoryError instead
+# of using up the machine's memory.
+RELAY_WITH_MEMORY_CAP = """
+import resource, runpy
+resource.setrlimit(resource.RLIMIT_AS, (1024**3, 1024**3))
+runpy.run_module("relay", run_name="__main__", alter_sys=True)
+"""
+
+
+class TokenFileTest(unittest.TestCase):
+    """token_file accepts only a small regular file and never blocks."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def run_check(self, token_path: str) -> subprocess.CompletedProcess[str]:
+        path = write_config(self.tmp.name, f"[security]\ntoken_file = {token_path}\n")
+        return subprocess.run(
+            [sys.executable, "-c", RELAY_WITH_MEMORY_CAP, "-c", path, "--check"],
+            cwd=str(ROOT), capture_output=True, text=True, timeout=10 * UNIT,
+            env={k: v for k, v in os.environ.items() if k not in ("PORT", "BACKPACK_WS_URL", "LOG_LEVEL")},
+        )
+
+    def assert_rejected(self, token_path: str, *parts: str) -> None:
+        result = self.run_check(token_path)
+        self.assertEqual(result.returncode, 78, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn(f"token_file = {token_path!r}", lines[0])
+        for part in parts:
+            self.assertIn(part, lines[0])
+
+    def test_fifo_rejected(self) -> None:
+        """A FIFO with no writer is rejected at once instead of blocking the read."""
+        fifo = os.path.join(self.tmp.name, "token.fifo")
+        os.mkfifo(fifo)
+        self.assert_rejected(fifo, "named pipe (FIFO)", "not a regular file")
+
+    @unittest.skipUnless(os.path.exists("/dev/zero"), "needs /dev/zero")
+    def test_dev_zero_rejected(self) -> None:
+        """/dev/zero is rejected instead of being read until memory runs out."""
+        self.assert_rejected("/dev/zero", "character device", "not a regular file")
+
+    def test_directory_rejected(self) -> None:
+        self.assert_rejected(self.tmp.name, "a directory", "not a regular file")
+
+    def test_oversized_file_rejected(self) -> None:
+        token_path = write_config(self.tmp.name, TOKEN + "\n" + "#" * TOKEN_FILE_MAX_BYTES, "token")
+        self.assert_rejected(token_path, f"larger than {TOKEN_FILE_MAX_BYTES} bytes")
+
+    def test_file_at_limit_accepted(self) -> None:
+        """A file of exactly TOKEN_FILE_MAX_BYTES still loads, and only its first line counts."""
+        padding = "#" * (TOKEN_FILE_MAX_BYTES - len(TOKEN) - 2)
+        token_path = write_config(self.tmp.name, TOKEN + "\n" + padding + "\n", "token")
+        self.assertEqual(os.path.getsize(token_path), TOKEN_FILE_MAX_BYTES)
+        self.assertEqual(read_token_file(token_path, "test"), TOKEN)
+
+    def test_symlink_to_regular_file_accepted(self) -> None:
+        """A symbolic link to a regular file is followed, and CRLF is stripped."""
+        token_path = write_config(self.tmp.name, TOKEN + "\r\n", "token")
+        link = os.path.join(self.tmp.name, "token.link")
+        os.symlink(token_path, link)
+        self.assertEqual(read_token_file(link, "test"), TOKEN)
+
+    def test_non_utf8_file_rejected(self) -> None:
+        token_path = os.path.join(self.tmp.name, "token")
+        with open(token_path, "wb") as handle:
+            handle.write(TOKEN.encode() + b"\xe9\n")
+        with self.assertRaises(ConfigError) as raised:
+            read_token_file(token_path, "test")
+        self.assertIn("not valid UTF-8", str(raised.exception))
+
+
+class UrlQueryKeyTest(RelayCase):
+    """An API key in the upstream URL's query stays out of /status, client messages and logs."""
+
+    sections = {"logging": {"level": "DEBUG"}}
+
+    def prepare_upstream(self) -> None:
+        self.upstream.url += "?key=hunter2secret"
+
+    def test_query_key_never_shown(self) -> None:
+        status = self.relay.get("/status")[1]
+        self.assertTrue(status["upstream"]["url"].endswith("/events?key=***"), status["upstream"]["url"])
+        client = self.connect()
+        self.connection.send_close(1001, "restart")
+        message = client.recv_message("backpack_connected", 10 * UNIT)
+        self.assertEqual(message["url"], status["upstream"]["url"])
+        self.relay.stop()
+        self.assertIn("?key=***", self.relay.output)
+        self.assertNotIn("hunter2secret", self.relay.output)
 
 
 class JsonLogTest(SecuredRelayTestCase):
