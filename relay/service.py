@@ -28,7 +28,7 @@ from werkzeug.serving import make_server
 
 from . import __version__
 from .client import CloseCause
-from .config import FIELDS, ConfigError
+from .config import FIELDS, ConfigError, redact_url
 from .frames import CLOSE_POLICY_VIOLATION
 from .http import ConnectionLimit, RelayApp, make_handler
 from .logs import configure_logging, set_secrets
@@ -395,6 +395,8 @@ class Relay:
 def _shown(field: Any, value: Any) -> str:
     if field.secret:
         return "(hidden)"
+    if field.kind == "url":
+        return repr(redact_url(value))
     return repr(value)
 
 

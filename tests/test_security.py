@@ -345,6 +345,13 @@ class ReloadTest(SecuredRelayTestCase):
         self.relay.signal(signal.SIGHUP)
         self.relay.wait_log(r"stall_timeout changed to 99.* only after a restart", 5 * UNIT)
 
+    def test_sighup_new_url_key_masked(self) -> None:
+        """A changed upstream URL is logged as needing a restart, with its query values masked."""
+        self.write_config(f"[upstream]\nurl = {self.upstream.url}?key=reload-secret-42\n")
+        self.relay.signal(signal.SIGHUP)
+        self.relay.wait_log(r"url changed to .*key=\*\*\*.* only after a restart", 5 * UNIT)
+        self.assertNotIn("reload-secret-42", self.relay.output)
+
 
 class BindSafetyTest(unittest.TestCase):
     def run_check(self, *args: str) -> subprocess.CompletedProcess[str]:
