@@ -35,19 +35,14 @@ import sys  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .config import EX_CONFIG, ConfigError, describe, load_settings  # noqa: E402
+from .config import COMMAND_LINE_FLAGS, EX_CONFIG, ConfigError, describe, load_settings  # noqa: E402
 from .logs import configure_logging, set_secrets  # noqa: E402
 from .service import Relay, StartupError  # noqa: E402
 
 logger = logging.getLogger("relay.main")
 
-FLAGS = {
-    "host": ("server", "host"),
-    "port": ("server", "port"),
-    "upstream_url": ("upstream", "url"),
-    "log_level": ("logging", "level"),
-    "log_format": ("logging", "format"),
-}
+# argparse destination (such as "upstream_url") -> (section, key).
+FLAGS = {flag[2:].replace("-", "_"): name for name, flag in COMMAND_LINE_FLAGS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
