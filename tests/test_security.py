@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import configparser
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -24,6 +26,7 @@ from tests.support import (
     RelayClient,
     RelayProcess,
     close_code,
+    upgrade_request,
     wait_for,
     write_config,
 )
@@ -332,6 +335,46 @@ class ReloadTest(SecuredRelayTestCase):
         self.assertEqual(body["clients"]["closedByCause"].get("access_revoked"), 2)
         self.assertEqual(body["clients"]["connected"], 1)
         self.assertNotIn(new_token, self.relay.output)
+
+    def test_rotation_during_handshakes(self) -> None:
+        """Clients mid-handshake with the old token when the token rotates are closed too."""
+        token_path = write_config(self.tmp.name, TOKEN, "token")
+        self.write_config(f"[security]\ntoken_file = {token_path}\n")
+        self.relay.signal(signal.SIGHUP)
+        self.relay.wait_log(r"reload: \[security\] token changed", 5 * UNIT)
+        held: list[socket.socket] = []
+        stop = threading.Event()
+
+        def connect_repeatedly() -> None:
+            while not stop.is_set():
+                sock = socket.create_connection(("127.0.0.1", self.relay.port), timeout=5 * UNIT)
+                key = base64.b64encode(os.urandom(16)).decode()
+                sock.sendall(upgrade_request(key, headers={"Authorization": f"Bearer {TOKEN}"}))
+                try:
+                    head = sock.recv(200)
+                except OSError:
+                    head = b""
+                if head.startswith(b"HTTP/1.1 101"):
+                    held.append(sock)
+                else:
+                    sock.close()
+
+        threads = [threading.Thread(target=connect_repeatedly, daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        time.sleep(0.5 * UNIT)
+        new_token = "rotated-token-9876543210fedcba"
+        write_config(self.tmp.name, new_token, "token")
+        self.relay.signal(signal.SIGHUP)
+        time.sleep(0.3 * UNIT)
+        stop.set()
+        for thread in threads:
+            thread.join(5 * UNIT)
+        self.assertGreater(len(held), 0)
+        headers = {"Authorization": f"Bearer {new_token}"}
+        wait_for(lambda: self.relay.get("/status", headers)[1]["clients"]["connected"] == 0, 10 * UNIT, message="every old-token client closed")
+        self.assertEqual(self.relay.get("/status", headers)[1]["clients"]["closedByCause"].get("access_revoked"), len(held))
 
     def test_sighup_broken_file_keeps_settings(self) -> None:
         self.write_config("[clients]\nqueue_max_frames = lots\n")
