@@ -19,12 +19,14 @@ write in one atomic step, which ``queue.Queue`` does not offer.
 from __future__ import annotations
 
 import enum
+import fcntl
 import itertools
 import json
 import logging
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 from collections import deque
@@ -67,6 +69,14 @@ class ClientState(enum.IntEnum):
     OPEN = 1
     CLOSING = 2
     CLOSED = 3
+
+
+def _unsent_bytes(sock: Any) -> int:
+    """Return the bytes in ``sock``'s kernel send queue not yet acknowledged, or 0."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 class CloseCause(str, enum.Enum):
@@ -201,6 +211,9 @@ class Client:
         self.frames_dropped = 0
         # Equal at first: no ping is outstanding until one is sent.
         self.last_receive = self._last_ping = time.monotonic()
+        # bytes_sent and the socket's unsent byte count at the last keepalive check.
+        self._progress_sent = 0
+        self._progress_unsent = 0
         # When the last ping left the queue for the socket. The client cannot
         # reply to a ping still queued behind a backlog, so its timer starts here.
         self._ping_written_at = 0.0
@@ -579,13 +592,18 @@ class Client:
             return False
         silent = now - self.last_receive
         # Close only once a ping written after the last byte received has had
-        # a full interval to be answered; after a reload that shortens the
+        # a full interval for its pong. After a reload that shortens the
         # interval, a client must first get a ping. A client with a backlog
         # that hides the ping is left to the queue cap and send_timeout.
         ping_unanswered = self._ping_written_at > self.last_receive and (
             now - self._ping_written_at >= self._ping_interval
         )
-        if silent > 2 * self._ping_interval and ping_unanswered:
+        # Bytes leaving the relay, or leaving its socket's send queue, show
+        # that the client is still reading, just behind.
+        sent, unsent = self.bytes_sent, _unsent_bytes(self.sock)
+        draining = sent != self._progress_sent or unsent < self._progress_unsent
+        self._progress_sent, self._progress_unsent = sent, unsent
+        if silent > 2 * self._ping_interval and ping_unanswered and not draining:
             logger.info(
                 "client %d (%s) closed: nothing received for %.1f s (ping interval %g s)",
                 self.id,

@@ -199,6 +199,48 @@ class BehindClientTest(RelayCase):
         self.assertEqual(status["clients"]["droppedNoPong"], 0)
 
 
+    def test_slow_reader_behind_socket_buffers(self) -> None:
+        """A client reading at half the feed rate, behind its socket buffers, keeps its connection."""
+        client = self.raw()
+        self.assertEqual(client.status, 101)
+        stop = threading.Event()
+        frame = json.dumps([{"pad": "x" * 9900}]).encode()
+
+        def feed() -> None:
+            # About 200 KB/s for as long as the client reads.
+            while not stop.is_set():
+                self.connection.send_text(frame)
+                time.sleep(0.05)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        self.addCleanup(feeder.join, 5 * UNIT)
+        self.addCleanup(stop.set)
+        # Read about 100 KB/s, replying to every ping, for eight ping intervals.
+        client.sock.settimeout(1 * UNIT)
+        ended = ""
+        deadline = time.monotonic() + 8 * self.PING_INTERVAL
+        while time.monotonic() < deadline and not ended:
+            try:
+                chunk = client.sock.recv(10_000)
+            except socket.timeout:
+                continue
+            if not chunk:
+                ended = "EOF"
+                break
+            client.parser.feed(chunk)
+            while (parsed := client.parser.next_frame()) is not None:
+                opcode, payload, _ = parsed
+                if opcode == PING:
+                    client.send_frame(PONG, payload)
+                elif opcode == CLOSE:
+                    ended = f"close {close_code_of(payload)} {payload[2:]!r}"
+            time.sleep(0.1)
+        stop.set()
+        self.assertEqual(ended, "")
+        self.assertEqual(self.status()["clients"]["droppedNoPong"], 0)
+
+
 class HighDescriptorTest(RelayCase):
     """A client whose socket number is above 1023, the highest select() accepts."""
 
