@@ -173,6 +173,11 @@ class _BoundedFrameBuffer(frame_buffer):
         if self.has_mask():
             # Servers never mask frames (RFC 6455, section 5.1).
             raise FrameTooLarge(f"masked frame of {length} bytes from the server")
+        opcode = self.header[4] if self.header is not None else 0
+        if opcode >= 0x8:
+            # Control frames carry at most 125 bytes (RFC 6455, section 5.5),
+            # so this is a protocol error, not a message to skip.
+            raise FrameTooLarge(f"control frame (opcode {opcode}) of {length} bytes from the server")
         remaining = length
         while remaining > 0:
             remaining -= len(self.recv(min(65536, remaining)))

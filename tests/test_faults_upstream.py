@@ -455,6 +455,19 @@ class UpstreamFrameTest(RelayCase):
         self.assertEqual(self.status()["traffic"]["framesRelayed"], 0)
         self.assertEqual(self.upstream.max_open, 1)
 
+    def test_oversize_ping_reconnects(self) -> None:
+        """A ping over max_frame_bytes is a protocol error: one reconnect, and the next message is not dropped."""
+        client = self.connect()
+        size = 70_000
+        self.connection.send_raw(b"\x89\x7f" + size.to_bytes(8, "big") + b"p" * size)
+        second = self.upstream.wait_connection(2, 10 * UNIT)
+        self.assertEqual(client.recv_message("backpack_disconnected", 5 * UNIT)["type"], "backpack_disconnected")
+        client.recv_message("backpack_connected", 5 * UNIT)
+        second.send_text(b'["after the bad ping"]')
+        self.assertEqual(client.recv(5 * UNIT), (websocket.ABNF.OPCODE_TEXT, b'["after the bad ping"]'))
+        self.assertEqual(self.status()["traffic"]["framesRelayed"], 1)
+        self.assertEqual(self.upstream.max_open, 1)
+
     def test_upstream_ping_gets_pong(self) -> None:
         """A ping from the upstream gets a pong carrying its payload."""
         self.connection.send_ping(b"are you there")
