@@ -378,10 +378,11 @@ class Relay:
         remaining = self.registry.count()
         if remaining or self.upstream.is_alive():
             logger.warning(
-                "shutdown timeout (%g s) reached with %d clients still closing%s",
-                self.settings.server_shutdown_timeout,
+                "exiting with %d clients still closing%s, %.1f s after the stop request (shutdown_timeout %g s)",
                 remaining,
                 " and the upstream still closing" if self.upstream.is_alive() else "",
+                self.settings.server_shutdown_timeout - (deadline - time.monotonic()),
+                self.settings.server_shutdown_timeout,
             )
         logger.info(
             "stopped after %.1f s: %d frames relayed, %d clients served",

@@ -18,6 +18,7 @@ import logging
 import random
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -53,6 +54,10 @@ def dispatch_tick(ping_interval: float, ping_timeout: float) -> float:
     if not ping_interval:
         return DISPATCH_TICK
     return min(DISPATCH_TICK, (ping_interval - ping_timeout) / 2)
+
+
+# How long abort() waits for websocket-client's send lock.
+ABORT_LOCK_SECONDS = 0.2
 
 
 class UpstreamState(str, enum.Enum):
@@ -326,8 +331,8 @@ class Upstream(threading.Thread):
 
         Called from another thread when the upstream thread has not ended in
         time, such as when it is blocked inside a frame the upstream stopped
-        sending. websocket-client sends under its own lock, so the close
-        frame does not interleave with a pong.
+        sending. The close frame is sent under websocket-client's send lock,
+        so it does not interleave with a pong.
         """
         with self._lock:
             app = self._app
@@ -335,10 +340,18 @@ class Upstream(threading.Thread):
         if sock is None or sock.sock is None:
             return
         logger.warning("upstream thread still busy at shutdown; sending the close frame and cutting the connection")
-        try:
-            sock.send_close(websocket.STATUS_NORMAL, b"relay shutting down")
-        except Exception as error:  # noqa: BLE001 - the socket may already be gone
-            logger.debug("close frame to the upstream failed: %s", error)
+        close_frame = websocket.ABNF.create_frame(
+            struct.pack("!H", websocket.STATUS_NORMAL) + b"relay shutting down", websocket.ABNF.OPCODE_CLOSE
+        ).format()
+        # The upstream thread may hold the send lock, blocked on a full
+        # socket, so wait for it only briefly and never block in the send.
+        if sock.lock.acquire(timeout=ABORT_LOCK_SECONDS):
+            try:
+                sock.sock.send(close_frame, socket.MSG_DONTWAIT)
+            except OSError as error:
+                logger.debug("close frame to the upstream failed: %s", error)
+            finally:
+                sock.lock.release()
         try:
             sock.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -515,6 +515,23 @@ class SigtermTest(RelayCase):
         self.assertTrue(self.connection.closed.wait(5 * UNIT))
         self.assertEqual([code for code, _ in self.connection.close_frames], [1000])
 
+    def test_sigterm_upstream_not_reading(self) -> None:
+        """SIGTERM while the upstream reads nothing and the relay's pongs fill the socket: exit 0 in time."""
+        self.connection.reading = False
+        self.connection.answer_pings = False
+        ping = encode_server_frame(0x9, b"p" * 125)
+        self.connection.sock.settimeout(1 * UNIT)
+        try:
+            for _ in range(400):
+                self.connection.sock.sendall(ping * 250)
+        except OSError:
+            pass  # the buffers are full: the relay's pongs no longer fit
+        self.connection.sock.settimeout(None)
+        self.connection.send_raw(b"\x81\x7e" + (1000).to_bytes(2, "big") + b"[" + b"a" * 9)
+        time.sleep(0.2 * UNIT)
+        elapsed = self._terminate()
+        self.assertLessEqual(elapsed, self.SHUTDOWN_TIMEOUT + 1 * UNIT)
+
     def test_sigterm_during_backoff(self) -> None:
         """SIGTERM while waiting to reconnect: exit 0 at once, no further handshake."""
         # client-limit-exceeded makes the next delay exactly backoff_max (30 UNIT),
