@@ -46,6 +46,17 @@ ENDPOINTS = {
 }
 
 
+# Maximum length of client-supplied text repeated in a log line or an error body.
+MAX_SHOWN_CHARS = 200
+
+
+def shorten(text: str, limit: int) -> str:
+    """Return ``text`` cut to ``limit`` characters, marking the cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 class RejectionLog:
     """Log rejected requests at WARNING, at most ``burst`` lines per reason a minute.
 
@@ -286,7 +297,8 @@ class RelayRequestHandler(WSGIRequestHandler):
                 self.close_connection = True
 
     def header_timed_out(self) -> None:
-        logger.info(
+        REJECTIONS.warning(
+            "header_timeout",
             "closed connection from %s: no complete request within header_timeout (%g s)",
             self.client_address[0],
             self.header_timeout,
@@ -325,10 +337,11 @@ class RelayRequestHandler(WSGIRequestHandler):
             # HTTP/0.9 and would send the body without a status line.
             self.request_version = "HTTP/1.1"
         short = BaseHTTPRequestHandler.responses.get(code, ("Error", ""))[0]
-        body = json.dumps({"error": message or short, "status": code}).encode() + b"\n"
-        logger.info(
-            "rejected request from %s: HTTP %d %s", self.client_address[0], code, message or short
-        )
+        # http.server quotes the whole request line in some messages, and a
+        # line may be 64 KiB long.
+        shown = shorten(message or short, MAX_SHOWN_CHARS)
+        body = json.dumps({"error": shown, "status": code}).encode() + b"\n"
+        REJECTIONS.warning(f"http_{code}", "rejected request from %s: HTTP %d %s", self.client_address[0], code, shown)
         counter = getattr(self.server, "count_rejection", None)
         if counter is not None:
             counter(f"http_{code}")

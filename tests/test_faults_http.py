@@ -119,6 +119,19 @@ class BadRequestTest(RelayCase):
         self.assertNotIn("Traceback", self.relay.output)
         self.assert_relay_unaffected()
 
+    def test_bad_request_logs_bounded(self) -> None:
+        """Fifty malformed requests log at most five lines, and a 60 KB request line is not echoed whole."""
+        for _ in range(50):
+            response, ended, _ = exchange(self.relay.port, b"GARBAGE\r\n\r\n", 5 * UNIT)
+            self.assertTrue(response.startswith(b"HTTP/1.1 400 "), response[:80])
+        long_line = b"GET /" + b"a" * 60_000 + b" HTTP/one\r\n\r\n"
+        response, _, _ = exchange(self.relay.port, long_line, 5 * UNIT)
+        self.assertTrue(response.startswith(b"HTTP/1.1 400 "), response[:80])
+        self.assertLess(len(response), 2000)
+        self.assertEqual(self.status()["clients"]["rejected"].get("http_400"), 51)
+        self.assertLessEqual(self.count_lines("HTTP 400"), 5)
+        self.assertLess(max(len(line) for line in self.relay.lines), 2000)
+
     def test_slow_and_idle_heads_cut(self) -> None:
         """Idle, partial and one-byte-at-a-time request heads are cut after header_timeout."""
         outcomes: dict[str, tuple[bytes, str, float]] = {}
