@@ -138,7 +138,7 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field(
         "upstream", "max_frame_bytes", "int", 16 * MIB,
-        "larger upstream messages are dropped unbuffered and counted", "bytes", 64 * KIB, 1024 * MIB,
+        "larger upstream messages are dropped unbuffered and counted; checking a text message's UTF-8 briefly needs up to about 6 times its size", "bytes", 64 * KIB, 1024 * MIB,
     ),
     # [clients]
     Field(
