@@ -319,7 +319,7 @@ class Upstream(threading.Thread):
         if self.state is UpstreamState.CONNECTING and app is not None:
             # The handshake blocks without looking at the wake-up socket, so
             # cut it short rather than wait up to connect_timeout.
-            raw = app.sock.sock if app.sock is not None else None
+            raw = _raw_socket(app)
             if raw is not None:
                 try:
                     raw.shutdown(socket.SHUT_RDWR)
@@ -337,7 +337,9 @@ class Upstream(threading.Thread):
         with self._lock:
             app = self._app
         sock = app.sock if app is not None else None
-        if sock is None or sock.sock is None:
+        # Read once: the upstream thread sets sock.sock to None when it ends.
+        raw = sock.sock if sock is not None else None
+        if raw is None:
             return
         logger.warning("upstream thread still busy at shutdown; sending the close frame and cutting the connection")
         close_frame = websocket.ABNF.create_frame(
@@ -347,13 +349,13 @@ class Upstream(threading.Thread):
         # socket, so wait for it only briefly and never block in the send.
         if sock.lock.acquire(timeout=ABORT_LOCK_SECONDS):
             try:
-                sock.sock.send(close_frame, socket.MSG_DONTWAIT)
+                raw.send(close_frame, socket.MSG_DONTWAIT)
             except OSError as error:
                 logger.debug("close frame to the upstream failed: %s", error)
             finally:
                 sock.lock.release()
         try:
-            sock.sock.shutdown(socket.SHUT_RDWR)
+            raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -426,7 +428,7 @@ class Upstream(threading.Thread):
             return
         with self._lock:
             app = self._app
-        raw = app.sock.sock if app is not None and app.sock is not None else None
+        raw = _raw_socket(app)
         if raw is None:
             return
         # _on_error reports the attempt as failed with this reason.
@@ -698,6 +700,14 @@ class Upstream(threading.Thread):
             # A dead peer sends no close reply, and a rejected frame's
             # payload must not be read, so the close must not wait.
             self._stop_reading(app)
+        if isinstance(error, (websocket.WebSocketProtocolException, websocket.WebSocketPayloadException)):
+            # RFC 6455 section 7.4.1: a protocol error closes with 1002.
+            # websocket-client would send 1000 when it tears the connection down.
+            self._stop_reading(app)
+            try:
+                app.sock.close(status=websocket.STATUS_PROTOCOL_ERROR, reason=b"protocol error", timeout=0)
+            except Exception as close_error:  # noqa: BLE001 - the socket may already be gone
+                logger.debug("close frame 1002 to the upstream failed: %s", close_error)
         if not self._error_reported:
             self._error_reported = True
             self.registry.broadcast_message("backpack_error", error=text)
@@ -752,6 +762,12 @@ class Upstream(threading.Thread):
             "clientLimitExceeded": self.client_limit_exceeded,
             "clientLimitMessage": self.client_limit_message,
         }
+
+
+def _raw_socket(app: Any) -> socket.socket | None:
+    """Return the socket under ``app``, or None; safe while another thread tears it down."""
+    sock = getattr(app, "sock", None)
+    return getattr(sock, "sock", None)
 
 
 def describe_error(error: BaseException, url: str) -> tuple[str, str]:

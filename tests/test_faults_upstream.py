@@ -450,6 +450,8 @@ class UpstreamFrameTest(RelayCase):
         client = self.connect()
         self.connection.send_raw(encode_server_frame(0x1, b'["half', fin=False) + encode_server_frame(0x1, b'"]'))
         self.upstream.wait_connection(2, 10 * UNIT)
+        self.assertTrue(self.connection.closed.wait(5 * UNIT))
+        self.assertEqual([code for code, _ in self.connection.close_frames], [1002])
         message = client.recv_message("backpack_disconnected", 5 * UNIT)
         self.assertEqual(message["type"], "backpack_disconnected")
         self.assertEqual(self.status()["traffic"]["framesRelayed"], 0)
