@@ -211,14 +211,15 @@ class ConnectionCapTest(RelayCase):
         # The relay frees a slot only when it reads the FIN, so a request can still meet the cap.
         capped = [response]
 
-        def health_ok() -> bool:
-            status, body = self.relay.get("/health")
-            if status == 503 and "max_http_connections" in body.get("error", ""):
+        def slots_freed() -> dict | None:
+            code, body = self.relay.get("/status")
+            if code == 503 and "max_http_connections" in body.get("error", ""):
                 capped.append(body)
-            return status == 200
+            if code == 200 and body["clients"]["httpConnections"] <= 1:
+                return body
+            return None
 
-        wait_for(health_ok, 5 * UNIT, message="/health after the idle connections closed")
-        status = self.status()
+        status = wait_for(slots_freed, 5 * UNIT, message="every idle connection's slot freed")
         self.assertEqual(status["clients"]["rejected"].get("max_http_connections"), len(capped))
         self.assertEqual(status["clients"]["maxHttpConnections"], self.MAX_HTTP_CONNECTIONS)
         self.relay.wait_log(r"rejected connection from 127\.0\.0\.1: max_http_connections \(4\) reached", 5 * UNIT)
