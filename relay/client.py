@@ -667,6 +667,16 @@ class Client:
         except OSError:
             pass
 
+    def revoke_access(self, rule: str) -> None:
+        """Close with 1008 because the access rules changed by a reload reject ``rule`` (Host, Origin or access token)."""
+        logger.info(
+            "client %d (%s) closed: its %s is no longer accepted after the reload",
+            self.id,
+            self.address,
+            rule,
+        )
+        self.close(CLOSE_POLICY_VIOLATION, "access revoked", CloseCause.ACCESS_REVOKED)
+
     def going_away(self, reason: str = "relay shutting down") -> None:
         """Close with 1001 because the relay is stopping."""
         self.close(CLOSE_GOING_AWAY, reason, CloseCause.SHUTDOWN)

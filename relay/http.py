@@ -26,8 +26,8 @@ from werkzeug.serving import WSGIRequestHandler
 from werkzeug.wrappers import Request, Response
 
 from . import __version__
-from .client import Client, ClientSocket, CloseCause, InboundSignal
-from .frames import CLOSE_POLICY_VIOLATION, relay_message
+from .client import Client, ClientSocket, InboundSignal
+from .frames import relay_message
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
 from .security import OPEN_PATHS
@@ -645,15 +645,9 @@ class RelayApp:
         # A reload may have swapped the access rules after this request passed
         # them but before the client joined the registry, where the reload's
         # sweep looks. Checking again now closes that gap.
-        revoked = relay.access.revoked(client.credentials)
-        if revoked:
-            logger.info(
-                "client %d (%s) closed: its %s is no longer accepted after the reload",
-                client_id,
-                address,
-                revoked,
-            )
-            client.close(CLOSE_POLICY_VIOLATION, "access revoked", CloseCause.ACCESS_REVOKED)
+        failed = relay.access.revoked(client.credentials)
+        if failed:
+            client.revoke_access(failed)
         try:
             client.serve()
         finally:

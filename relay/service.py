@@ -27,9 +27,7 @@ from typing import Any, Callable
 from werkzeug.serving import make_server
 
 from . import __version__
-from .client import CloseCause
 from .config import FIELDS, ConfigError, redact_url
-from .frames import CLOSE_POLICY_VIOLATION
 from .http import ConnectionLimit, RelayApp, make_handler
 from .logs import configure_logging, set_secrets
 from .metrics import LatencyHistogram
@@ -342,15 +340,8 @@ class Relay:
             if client.credentials is None:
                 continue
             failed = self.access.revoked(client.credentials)
-            if not failed:
-                continue
-            logger.info(
-                "client %d (%s) closed: its %s is no longer accepted after the reload",
-                client.id,
-                client.address,
-                failed,
-            )
-            client.close(CLOSE_POLICY_VIOLATION, "access revoked", CloseCause.ACCESS_REVOKED)
+            if failed:
+                client.revoke_access(failed)
 
     def shutdown(self) -> None:
         """Stop accepting, close clients with 1001 and the upstream with 1000."""
