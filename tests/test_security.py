@@ -56,6 +56,17 @@ def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else 0
 
 
+def upgrade_after_clients(test: SecuredRelayTestCase, count: int) -> websocket.WebSocketBadStatusException:
+    """Connect ``count`` clients, then return the handshake error the next upgrade must raise."""
+    for _ in range(count):
+        client = RelayClient(test.relay.ws_url)
+        test.addCleanup(client.close)
+        client.recv_json()
+    with test.assertRaises(websocket.WebSocketBadStatusException) as raised:
+        websocket.create_connection(test.relay.ws_url, timeout=5 * UNIT)
+    return raised.exception
+
+
 class SecuredRelayTestCase(unittest.TestCase):
     sections: dict = {}
 
@@ -181,14 +192,9 @@ class CapsTest(SecuredRelayTestCase):
     sections = {"clients": {"max_clients": 3, "max_clients_per_ip": 2}, "server": {"max_header_bytes": 2048, "header_timeout": 1 * UNIT}}
 
     def test_per_ip_cap_429(self) -> None:
-        clients = [RelayClient(self.relay.ws_url) for _ in range(2)]
-        for client in clients:
-            self.addCleanup(client.close)
-            client.recv_json()
-        with self.assertRaises(websocket.WebSocketBadStatusException) as raised:
-            websocket.create_connection(self.relay.ws_url, timeout=5 * UNIT)
-        self.assertEqual(raised.exception.status_code, 429)
-        self.assertIn(b"max_clients_per_ip", raised.exception.resp_body)
+        rejection = upgrade_after_clients(self, 2)
+        self.assertEqual(rejection.status_code, 429)
+        self.assertIn(b"max_clients_per_ip", rejection.resp_body)
 
     def test_header_size_cap_431(self) -> None:
         request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n"
@@ -224,13 +230,8 @@ class MaxClientsTest(SecuredRelayTestCase):
     sections = {"clients": {"max_clients": 2}}
 
     def test_max_clients_503(self) -> None:
-        clients = [RelayClient(self.relay.ws_url) for _ in range(2)]
-        for client in clients:
-            self.addCleanup(client.close)
-            client.recv_json()
-        with self.assertRaises(websocket.WebSocketBadStatusException) as raised:
-            websocket.create_connection(self.relay.ws_url, timeout=5 * UNIT)
-        self.assertEqual(raised.exception.status_code, 503)
+        rejection = upgrade_after_clients(self, 2)
+        self.assertEqual(rejection.status_code, 503)
         status = self.relay.get("/status")[1]
         self.assertEqual(status["clients"]["rejected"].get("max_clients"), 1)
 
@@ -342,8 +343,14 @@ class ReloadTest(SecuredRelayTestCase):
         self.write_config(f"[security]\ntoken_file = {token_path}\n")
         self.relay.signal(signal.SIGHUP)
         self.relay.wait_log(r"reload: \[security\] token changed", 5 * UNIT)
-        held: list[socket.socket] = []
+        upgraded: list[socket.socket] = []
         stop = threading.Event()
+
+        def close_upgraded() -> None:
+            for sock in upgraded:
+                sock.close()
+
+        self.addCleanup(close_upgraded)
 
         def connect_repeatedly() -> None:
             while not stop.is_set():
@@ -355,14 +362,13 @@ class ReloadTest(SecuredRelayTestCase):
                 except OSError:
                     head = b""
                 if head.startswith(b"HTTP/1.1 101"):
-                    held.append(sock)
+                    upgraded.append(sock)
                 else:
                     sock.close()
 
         threads = [threading.Thread(target=connect_repeatedly, daemon=True) for _ in range(4)]
         for thread in threads:
             thread.start()
-        self.addCleanup(lambda: [sock.close() for sock in held])
         time.sleep(0.5 * UNIT)
         new_token = "rotated-token-9876543210fedcba"
         write_config(self.tmp.name, new_token, "token")
@@ -371,10 +377,10 @@ class ReloadTest(SecuredRelayTestCase):
         stop.set()
         for thread in threads:
             thread.join(5 * UNIT)
-        self.assertGreater(len(held), 0)
+        self.assertGreater(len(upgraded), 0)
         headers = {"Authorization": f"Bearer {new_token}"}
         wait_for(lambda: self.relay.get("/status", headers)[1]["clients"]["connected"] == 0, 10 * UNIT, message="every old-token client closed")
-        self.assertEqual(self.relay.get("/status", headers)[1]["clients"]["closedByCause"].get("access_revoked"), len(held))
+        self.assertEqual(self.relay.get("/status", headers)[1]["clients"]["closedByCause"].get("access_revoked"), len(upgraded))
 
     def test_sighup_broken_file_keeps_settings(self) -> None:
         self.write_config("[clients]\nqueue_max_frames = lots\n")
