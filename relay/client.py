@@ -201,7 +201,7 @@ class Client:
         self.close_reason = ""
         self.close_cause: CloseCause | None = None
         self._close_deadline: float | None = None
-        # Made when the writer first waits for the socket to drain.
+        # select.poll object, created when the writer first waits for the socket to drain.
         self._poller: Any = None
 
         self.queued_bytes = 0
@@ -668,7 +668,7 @@ class Client:
             pass
 
     def revoke_access(self, rule: str) -> None:
-        """Close with 1008 because the access rules changed by a reload reject ``rule`` (Host, Origin or access token)."""
+        """Close with 1008 because a reload's access rules reject ``rule`` (Host, Origin or access token)."""
         logger.info(
             "client %d (%s) closed: its %s is no longer accepted after the reload",
             self.id,

@@ -339,9 +339,9 @@ class RelayRequestHandler(WSGIRequestHandler):
         short = BaseHTTPRequestHandler.responses.get(code, ("Error", ""))[0]
         # http.server quotes the whole request line in some messages, and a
         # line may be 64 KiB long.
-        shown = shorten(message or short, MAX_SHOWN_CHARS)
-        body = json.dumps({"error": shown, "status": code}).encode() + b"\n"
-        REJECTIONS.warning(f"http_{code}", "rejected request from %s: HTTP %d %s", self.client_address[0], code, shown)
+        detail = shorten(message or short, MAX_SHOWN_CHARS)
+        body = json.dumps({"error": detail, "status": code}).encode() + b"\n"
+        REJECTIONS.warning(f"http_{code}", "rejected request from %s: HTTP %d %s", self.client_address[0], code, detail)
         counter = getattr(self.server, "count_rejection", None)
         if counter is not None:
             counter(f"http_{code}")
@@ -642,9 +642,8 @@ class RelayApp:
         )
         if relay.stopping:
             client.going_away()
-        # A reload may have swapped the access rules after this request passed
-        # them but before the client joined the registry, where the reload's
-        # sweep looks. Checking again now closes that gap.
+        # A reload may have changed the rules after this request passed them
+        # but before the reload's sweep could see this client, so check again.
         failed = relay.access.revoked(client.credentials)
         if failed:
             client.revoke_access(failed)

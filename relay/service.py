@@ -66,7 +66,7 @@ def raise_open_file_limit(needed: int) -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (ValueError, OSError) as error:
-            logger.warning("could not raise the open-file limit from %d to %d: %s", soft, target, error)
+            logger.warning("failed to raise the open-file limit from %d to %d: %s", soft, target, error)
     if soft != resource.RLIM_INFINITY and soft < needed:
         logger.warning(
             "the open-file limit is %d, under the %d that max_clients + max_http_connections + %d need; "

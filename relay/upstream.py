@@ -56,7 +56,7 @@ def dispatch_tick(ping_interval: float, ping_timeout: float) -> float:
     return min(DISPATCH_TICK, (ping_interval - ping_timeout) / 2)
 
 
-# How long abort() waits for websocket-client's send lock.
+# Maximum time abort() waits for websocket-client's send lock.
 ABORT_LOCK_SECONDS = 0.2
 
 
@@ -345,8 +345,8 @@ class Upstream(threading.Thread):
         close_frame = websocket.ABNF.create_frame(
             struct.pack("!H", websocket.STATUS_NORMAL) + b"relay shutting down", websocket.ABNF.OPCODE_CLOSE
         ).format()
-        # The upstream thread may hold the send lock, blocked on a full
-        # socket, so wait for it only briefly and never block in the send.
+        # The upstream thread may hold the send lock while blocked on a full
+        # socket, so wait at most ABORT_LOCK_SECONDS and send with MSG_DONTWAIT.
         if sock.lock.acquire(timeout=ABORT_LOCK_SECONDS):
             try:
                 raw.send(close_frame, socket.MSG_DONTWAIT)
